@@ -12,14 +12,23 @@ HUB_SOURCES = ("wikitext2", "c4")
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
 
+def check_source(source, allow_self=False):
+    """Fail fast (before loading a model) on a data source that cannot work."""
+    source = str(source)
+    if source in HUB_SOURCES or (allow_self and source == "self"):
+        return
+    if not Path(source).expanduser().is_file():
+        extra = ", self" if allow_self else ""
+        raise UserError(f"data file not found: {source} (or use one of: {', '.join(HUB_SOURCES)}{extra})")
+
+
 def read_texts(source, split="test"):
     """List of documents from a SOURCE (wikitext2 | c4 | path.txt | path.jsonl)."""
     source = str(source)
     if source in HUB_SOURCES:
         return _hub_texts(source, split)
+    check_source(source)
     p = Path(source).expanduser()
-    if not p.is_file():
-        raise UserError(f"data file not found: {source} (or use one of: {', '.join(HUB_SOURCES)}, self)")
     if p.suffix == ".jsonl":
         texts = []
         with p.open(encoding="utf-8") as f:

@@ -10,6 +10,7 @@ from . import data, models
 from .evaluate import perplexity
 from .outputs import META_FILE, Timer, atomic_dir, library_versions, peak_rss_gib, write_json
 from .prune import Recipe, prune_model
+from .quant import grid_info
 
 
 def save_model_folder(model, tokenizer, folder, meta):
@@ -22,6 +23,8 @@ def save_model_folder(model, tokenizer, folder, meta):
 def prune(model_spec, out, recipe: Recipe, force=False, threads=None, log=print):
     """Prune MODEL into the save_pretrained folder `out`. Returns the metadata written."""
     recipe.validate()
+    if recipe.method != "magnitude":
+        data.check_source(recipe.calib, allow_self=True)
     if threads:
         torch.set_num_threads(threads)
     with atomic_dir(out, force) as tmp:
@@ -44,6 +47,8 @@ def prune(model_spec, out, recipe: Recipe, force=False, threads=None, log=print)
             "source_model": str(model_spec),
             "architecture": models.model_type(model),
             "recipe": recipe.to_dict(),
+            **({"quantization": grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt")}
+               if recipe.wbits else {}),
             "pruned_sparsity": zeros / max(total, 1),
             "calibration_mode": mode,
             "matrices": stats,
@@ -64,6 +69,7 @@ def prune(model_spec, out, recipe: Recipe, force=False, threads=None, log=print)
 def evaluate(model_spec, source="wikitext2", seqlen=2048, max_segments=None, batch=1, model=None,
              tokenizer=None):
     """Perplexity of MODEL on SOURCE. Returns a result dict."""
+    data.check_source(source)
     if model is None:
         model, tokenizer = models.load_model(model_spec)
     windows = data.eval_windows(source, tokenizer, seqlen, max_segments)

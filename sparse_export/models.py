@@ -62,6 +62,7 @@ def load_model(spec, dtype="auto"):
 
     kind, where = resolve(spec)
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         if kind == "gguf":

@@ -162,13 +162,17 @@ class _InputStats:
         return out
 
 
-def make_quantizer(W, bits, per_channel):
-    """Symmetric grid (zero point 0, so zeros stay zero); scales fixed before the sweep."""
+def make_quantizer(W, bits, per_channel, row_splits=None):
+    """Symmetric grid (zero point 0, so zeros stay zero); scales fixed before the sweep.
+
+    Per tensor means one scale per matrix: matrices stacked into one sweep (row_splits) keep their own.
+    """
     qmax = 2 ** (bits - 1) - 1
     if per_channel:
         scale = W.abs().amax(dim=1).clamp_min(1e-12) / qmax
     else:
-        scale = W.abs().max().clamp_min(1e-12).expand(W.shape[0]) / qmax
+        scale = torch.cat([part.abs().max().clamp_min(1e-12).expand(part.shape[0])
+                           for part in W.split(row_splits or [W.shape[0]])]) / qmax
 
     def quantize(col, _index):
         return torch.clamp(torch.round(col / scale), -qmax - 1, qmax) * scale
@@ -183,7 +187,7 @@ def prune_group(method, H, weights, recipe, factor=None):
     splits = [w.shape[0] for w in weights]
     quantizer, scale = None, None
     if recipe.wbits:
-        quantizer, scale = make_quantizer(W.float(), recipe.wbits, recipe.per_channel)
+        quantizer, scale = make_quantizer(W.float(), recipe.wbits, recipe.per_channel, splits)
     Wn, mask, loss = PRUNERS[method](W, H, sparsity=recipe.sparsity, n=n, m=m,
                                      blocksize=recipe.blocksize, dampening=recipe.dampening,
                                      row_splits=splits, quantizer=quantizer,
@@ -251,7 +255,12 @@ def _layer_one_pass(layer, mods, hidden, kw, recipe, stats):
 def _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats):
     """Chunked: accumulate Hessians over all chunks with dense weights, prune, run again."""
     st = _InputStats()
-    handles = [m.register_forward_hook(lambda mod, a, o, n=n: st.add(n, a[0])) for n, m in mods.items()]
+    def hook(name):
+        def fn(module, args, output):
+            st.add(name, args[0])          # returns None: the output is left alone
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     try:
         for h, kw in zip(hidden, kwargs):
             st.next_pass()
