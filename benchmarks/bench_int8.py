@@ -11,7 +11,7 @@ Speed: last-token logits over 1 x 400 tokens on DeepSparse and ONNX Runtime for 
 fp32 (50%), INT8 dense (weights rounded to nearest), INT8 50% and INT8 70% (joint).
 
   python benchmarks/bench_int8.py --quick     # smoke run: tiny calibration/evaluation, two models timed
-  python benchmarks/bench_int8.py             # the full run (128 x 2048 calibration, 40 x 2048 eval)
+  python benchmarks/bench_int8.py             # the full run (16 x 512 calibration, 6 x 2048 eval)
 
 Results: benchmarks/results/int8[-quick].{json,md}.
 """
@@ -38,7 +38,9 @@ ALL_SPEED = ["dense-fp32", "sparse50-fp32", "int8-dense", "int8-50", "int8-70"]
 SETTINGS = {
     "quick": dict(nsamples=8, seqlen=256, eval_windows=2, eval_seqlen=512, act_nsamples=8,
                   act_seqlen=256, speed=["dense-fp32", "int8-50"], warmup=1, iterations=3),
-    "full": dict(nsamples=128, seqlen=2048, eval_windows=40, eval_seqlen=2048, act_nsamples=32,
+    # the pruning benchmark's quick protocol (16 x 512 C4 calibration tokens, 6 x 2048 WikiText-2
+    # evaluation tokens): 128 x 2048 takes ~10 min per prune on this 2-core machine
+    "full": dict(nsamples=16, seqlen=512, eval_windows=6, eval_seqlen=2048, act_nsamples=16,
                  act_seqlen=512, speed=ALL_SPEED, warmup=3, iterations=20),
 }
 BARS = {"ppl_joint_vs_sparsegpt": 0.03, "deepsparse_int8-50": 2.5, "deepsparse_int8-70": 3.0}

@@ -28,6 +28,10 @@ def prune_and_export_cmd(
     threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     int8: bool = typer.Option(False, "--int8", help="cpu: also prune onto the int8 grid and export onnx-int8/."),
+    generate: bool = typer.Option(False, "--generate/--no-generate",
+                                  help="cpu: also export KV-cache graphs and benchmark generation."),
+    prompt_tokens: int = typer.Option(256, help="cpu, generation benchmark: prompt length."),
+    new_tokens: int = typer.Option(128, help="cpu, generation benchmark: tokens generated."),
 ):
     """Prune MODEL with SparseGPT, export, verify, benchmark, and write report.md."""
     from sparse_export.errors import UserError
@@ -37,7 +41,8 @@ def prune_and_export_cmd(
                   eval_seqlen=eval_seqlen, max_segments=max_segments, bench_batch=bench_batch,
                   bench_seqlen=bench_seqlen, threads=threads, force=force, int8=int8)
     if target == "cpu":
-        common.update(sparsity=sparsity, runtimes=list(runtime) or None, iterations=iterations)
+        common.update(sparsity=sparsity, runtimes=list(runtime) or None, iterations=iterations,
+                      generate=generate, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     elif target == "gpu":
         if runtime:
             raise UserError("--runtime applies to the cpu target only")

@@ -155,32 +155,37 @@ def table(result):
     return format_table(result["rows"], COLUMNS)
 
 
-def plot(result, path, title=None):
-    """Bar chart of median latency (whisker to p90) per runtime and model, PNG."""
+def bar_chart(rows, values, err, ylabel, title, path):
+    """PNG bar chart, one bar per row (runtime/model), coloured by runtime, annotated with speedups."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = result["rows"]
     labels = [f"{r['runtime']}\n{r['model']}" for r in rows]
-    med = [r["median_ms"] for r in rows]
-    err = [[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]]
     colors = {rt: f"C{i}" for i, rt in enumerate(dict.fromkeys(r["runtime"] for r in rows))}
     fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
-    bars = ax.bar(range(len(rows)), med, yerr=err, capsize=3, color=[colors[r["runtime"]] for r in rows])
+    bars = ax.bar(range(len(rows)), values, yerr=err, capsize=3, color=[colors[r["runtime"]] for r in rows])
     for b, r in zip(bars, rows):
         if r.get("speedup_vs_baseline"):
             ax.annotate(f"{r['speedup_vs_baseline']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
                         ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    c = result["config"]
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    ax.set_ylabel("median latency, ms (whisker: p90)")
-    ax.set_title(title or f"forward pass, {c['batch']}x{c['seqlen']} tokens, threads={c['threads']}", fontsize=10)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot(result, path, title=None):
+    """Bar chart of median latency (whisker to p90) per runtime and model, PNG."""
+    rows, c = result["rows"], result["config"]
+    err = [[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]]
+    return bar_chart(rows, [r["median_ms"] for r in rows], err, "median latency, ms (whisker: p90)",
+                     title or f"forward pass, {c['batch']}x{c['seqlen']} tokens, threads={c['threads']}", path)
 
 
 def save(result, json_path=None, plot_path=None):

@@ -144,32 +144,13 @@ def table(result):
 
 def plot(result, path, title=None):
     """Bar chart of decode tokens/s per runtime and model (whisker: from the p90 step time), PNG."""
-    import matplotlib
+    from .bench import bar_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = result["rows"]
-    labels = [f"{r['runtime']}\n{r['model']}" for r in rows]
-    rate = [r["decode_tok_s"] for r in rows]
+    rows, c = result["rows"], result["config"]
     err = [[max(r["decode_tok_s"] - 1000 / r["decode_ms_p90"], 0) for r in rows], [0] * len(rows)]
-    colors = {rt: f"C{i}" for i, rt in enumerate(dict.fromkeys(r["runtime"] for r in rows))}
-    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(rows) + 2), 4))
-    bars = ax.bar(range(len(rows)), rate, yerr=err, capsize=3, color=[colors[r["runtime"]] for r in rows])
-    for b, r in zip(bars, rows):
-        if r.get("speedup_vs_baseline"):
-            ax.annotate(f"{r['speedup_vs_baseline']:.2f}x", (b.get_x() + b.get_width() / 2, b.get_height()),
-                        ha="center", va="bottom", fontsize=8, xytext=(0, 2), textcoords="offset points")
-    c = result["config"]
-    ax.set_xticks(range(len(rows)), labels, fontsize=8)
-    ax.set_ylabel("decode tokens/s (whisker: p90 step)")
-    ax.set_title(title or f"generation, {c['prompt_tokens']}-token prompt + {c['new_tokens']} new, "
-                          f"threads={c['threads']}", fontsize=10)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return bar_chart(rows, [r["decode_tok_s"] for r in rows], err, "decode tokens/s (whisker: p90 step)",
+                     title or f"generation, {c['prompt_tokens']}-token prompt + {c['new_tokens']} new, "
+                          f"threads={c['threads']}", path)
 
 
 def save(result, json_path=None, plot_path=None):

@@ -10,7 +10,6 @@ step (pruning, export, verification, benchmark) leaves nothing at --out.
 """
 
 import gc
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -87,10 +86,11 @@ def _text_inputs(source, tokenizer, batch, seqlen, vocab):
 def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=128, seqlen=2048, seed=0,
                    eval_data=None, eval_seqlen=2048, max_segments=None, bench_batch=1, bench_seqlen=400,
                    warmup=3, iterations=20, runtimes=None, logits="last", ignore=(), force=False,
-                   threads=None, int8=False, log=print):
+                   threads=None, int8=False, generate=False, prompt_tokens=256, new_tokens=128, log=print):
     """Prune with SparseGPT, export dense and sparse ONNX, verify, benchmark, report. Returns report.json's dict.
 
     int8: prune jointly onto the int8 weight grid (wbits=8) and also export onnx-int8/.
+    generate: also export KV-cache graphs (dense-kv/, sparse-kv/) and benchmark generation.
     """
     from .runtimes import get_runtime, installed
 
@@ -169,10 +169,21 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
             "versions": library_versions(),
         }
         sections = _sections(report, rows)
+        gen_runtimes = [r for r in runtimes if r in ("deepsparse", "onnxruntime")]
+        if generate and gen_runtimes:
+            log(f"generation benchmark: {', '.join(gen_runtimes)}, {prompt_tokens}-token prompt, "
+                f"{new_tokens} new tokens")
+            from .bench_generate import pipeline_section
+
+            gen = pipeline_section(model, pruned_dir, tmp, gen_runtimes, prompt_tokens, new_tokens,
+                                   iterations=min(iterations, 3), threads=threads, log=step_log)
+            report["generate"] = gen["result"]
+            heading, _, body = gen["markdown"].partition("\n")
+            sections.append((heading.lstrip("# "), body))
         title = f"{model}: {prune_meta['pruned_sparsity']:.0%} SparseGPT for CPU"
         write_report(tmp, title, sections, report, plot=PLOT)
     log(f"wrote {out} (pruned-model/, onnx-dense/, onnx-sparse/, {'onnx-int8/, ' if int8 else ''}"
-        f"report.md, report.json, {PLOT})")
+        f"{'dense-kv/, sparse-kv/, ' if generate else ''}report.md, report.json, {PLOT})")
     return report
 
 
