@@ -62,10 +62,7 @@ def smollm2_models(work, cfg):
     calib = data.shared_asset("c4-sample", "c4-train.00000-of-01024.head1041.jsonl")
     if calib is None:
         sys.exit("benchmark skipped: ../shared/assets is absent")
-    dense = work / "smollm2-dense"
-    if not dense.exists():
-        model, tok = models.load_model("smollm2")
-        jobs.save_model_folder(model, tok, dense, {"kind": "dense-model", "source_model": "smollm2"})
+    dense = jobs.plain_copy("smollm2", work / "smollm2-dense")
     folders = {"dense": dense}
     for s in cfg["sparsities"]:
         out = work / f"smollm2-{cfg['method']}-{label(s)[:-1]}"

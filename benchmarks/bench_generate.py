@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sparse_export import bench_generate as bg  # noqa: E402
-from sparse_export import data, jobs, models  # noqa: E402
+from sparse_export import bench, data, jobs, models  # noqa: E402
 from sparse_export.generate import KVSession, eos_ids, generate_ids  # noqa: E402
 from sparse_export.onnx_kv import export_kv_onnx  # noqa: E402
 from sparse_export.outputs import library_versions  # noqa: E402
@@ -62,10 +62,7 @@ def main():
     t_start, load_start = time.perf_counter(), os.getloadavg()[0]
 
     # models: dense folder once (GGUF -> plain), then SparseGPT prunes, then KV-cache exports
-    dense_dir = work / "dense"
-    if not dense_dir.exists():
-        model, tok = models.load_model("smollm2")
-        jobs.save_model_folder(model, tok, dense_dir, {"kind": "dense-model", "source_model": "smollm2"})
+    dense_dir = jobs.plain_copy("smollm2", work / "dense")
     folders = {"dense": dense_dir}
     for s in cfg["sparsities"]:
         out = work / f"sparsegpt-{int(s * 100)}-c{cfg['nsamples']}x{cfg['seqlen']}"  # reused with --work
@@ -110,7 +107,7 @@ def main():
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     config = {"mode": "generate", "setting": setting, **cfg, "max_length": max_length, "batch": 1,
-              "threads": args.threads or "all", "baseline": "dense", "cpu": bg._cpu_name(),
+              "threads": args.threads or "all", "baseline": "dense", "cpu": bench._cpu_name(),
               "calibration": calib.name,
               "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}  # a shared machine shows here
     result = {"config": config, "rows": rows, "greedy_checks": checks, "profiles": profiles,

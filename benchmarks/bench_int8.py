@@ -79,12 +79,8 @@ def main():
         print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
 
     # ---- model folders -------------------------------------------------------------------
-    dense = work / "dense"
-    if not dense.exists():
-        step("dense folder from the GGUF file")
-        model, tok = models.load_model("smollm2")
-        jobs.save_model_folder(model, tok, dense, {"kind": "dense-model", "source_model": "smollm2"})
-        del model
+    step("dense folder from the GGUF file")
+    dense = jobs.plain_copy("smollm2", work / "dense")
     recipe = dict(calib=str(calib), nsamples=cfg["nsamples"], seqlen=cfg["seqlen"])
     folders = {"dense": dense}
     plan = [("sparsegpt50", Recipe(sparsity=0.5, **recipe)),

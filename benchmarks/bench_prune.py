@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sparse_export import data, jobs, models  # noqa: E402
+from sparse_export import bench, data, jobs  # noqa: E402
 
 SETTINGS = {  # calibration windows x tokens, evaluation windows x tokens
     "quick": dict(nsamples=16, seqlen=512, eval_seqlen=2048, eval_windows=6),
@@ -61,8 +61,7 @@ def main():
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="bench-prune-"))
     dense_dir = work / "dense"
-    model, tok = models.load_model("smollm2")           # GGUF -> plain folder once; runs load it fast
-    jobs.save_model_folder(model, tok, dense_dir, {"kind": "dense-model", "source_model": "smollm2"})
+    jobs.plain_copy("smollm2", dense_dir)               # GGUF -> plain folder once; runs load it fast
 
     def evaluate(folder, name):
         torch.set_num_threads(args.eval_threads)       # evaluation time is not measured
@@ -101,7 +100,7 @@ def main():
     result = {"setting": args.setting, **cfg, "threads": args.threads, "seed": args.seed,
               "calibration": str(calib.name), "evaluation": str(wiki.name),
               "eval_tokens": cfg["eval_seqlen"] * cfg["eval_windows"], "rows": rows,
-              "cpu": _cpu_name()}
+              "cpu": bench._cpu_name()}
     cols = [("run", "run"), ("perplexity", "perplexity"), ("reference ppl", "peer_reference"),
             ("ppl vs ref", "ppl_vs_reference"), ("prune wall s", "prune_wall_s"),
             ("prune CPU s", "prune_cpu_s"), ("CPU vs ref", "cpu_vs_reference"), ("peak GiB", "peak_gib"),
@@ -120,16 +119,6 @@ def main():
 
 def _ppl(res):
     return {"perplexity": res["perplexity"], "eval_tokens": res["tokens"]}
-
-
-def _cpu_name():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
 
 
 if __name__ == "__main__":

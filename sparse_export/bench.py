@@ -14,7 +14,7 @@ import numpy as np
 
 from . import models
 from .errors import UserError
-from .outputs import library_versions, write_json
+from .outputs import library_versions, peak_rss_gib, write_json
 
 CPU_RUNTIMES = ("deepsparse", "onnxruntime", "torch")
 COLUMNS = [("runtime", "runtime"), ("model", "model"), ("load s", "load_s"), ("median ms", "median_ms"),
@@ -30,11 +30,6 @@ def _reset_peak_rss():
         return True
     except OSError:
         return False
-
-
-def _peak_rss_gib():
-    m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    return int(m.group(1)) / 2**20 if m else float("nan")
 
 
 def random_inputs(vocab_size, batch, seqlen, seed=0):
@@ -122,7 +117,7 @@ def benchmark(folders, runtimes=None, baseline=None, batch=1, seqlen=400, warmup
         stats, out = time_runs(rt, ids, mask, warmup, iterations, bar)
         row = {"runtime": name, "version": rt.version, "model": label, "folder": str(folders[label]),
                "logits": rt.logits, "load_s": rt.load_s, **stats,
-               "peak_rss_gib": _peak_rss_gib(), "peak_rss_scope": "this load+run" if exact_peak else "process"}
+               "peak_rss_gib": peak_rss_gib(), "peak_rss_scope": "this load+run" if exact_peak else "process"}
         if keep_outputs:
             row["output"] = out
         rows.append(row)

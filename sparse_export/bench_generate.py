@@ -8,6 +8,7 @@ import numpy as np
 
 from .errors import UserError
 from .generate import RUNTIMES, KVSession
+from .bench import _cpu_name as bench_cpu_name
 from .outputs import Timer, library_versions, peak_rss_gib, read_meta, write_json
 
 COLUMNS = [("runtime", "runtime"), ("model", "model"), ("sparsity", "sparsity"), ("load s", "load_s"),
@@ -115,7 +116,7 @@ def benchmark(folders, runtimes=None, baseline=None, prompt_tokens=256,
     add_speedups(rows, baseline)
     config = {"mode": "generate", "batch": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
               "warmup": warmup, "iterations": iterations, "threads": threads or "all", "baseline": baseline,
-              "models": {k: str(v) for k, v in folders.items()}, "cpu": _cpu_name(),
+              "models": {k: str(v) for k, v in folders.items()}, "cpu": bench_cpu_name(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     return {"config": config, "rows": rows, "versions": library_versions()}
 
@@ -128,12 +129,6 @@ def add_speedups(rows, baseline):
         r["speedup_vs_baseline"] = r["decode_tok_s"] / b["decode_tok_s"] if b else None
         r["ttft_speedup_vs_baseline"] = b["ttft_ms"] / r["ttft_ms"] if b else None
     return rows
-
-
-def _cpu_name():
-    from .bench import _cpu_name as name
-
-    return name()
 
 
 def table(result):

@@ -20,6 +20,15 @@ def save_model_folder(model, tokenizer, folder, meta):
     write_json(Path(folder) / META_FILE, meta)
 
 
+def plain_copy(model_spec, folder):
+    """Save MODEL once as a plain safetensors folder (a GGUF is dequantized once) that loads fast."""
+    folder = Path(folder)
+    if not folder.exists():
+        model, tokenizer = models.load_model(model_spec)
+        save_model_folder(model, tokenizer, folder, {"kind": "dense-model", "source_model": str(model_spec)})
+    return folder
+
+
 def prune(model_spec, out, recipe: Recipe, force=False, threads=None, log=print):
     """Prune MODEL into the save_pretrained folder `out`. Returns the metadata written."""
     recipe.validate()
