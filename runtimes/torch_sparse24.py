@@ -20,11 +20,57 @@ def require_cuda(name="torch-sparse24"):
 
 
 def pick_backend(backend="auto"):
+    """The kernel backend to use: `auto` is cuSPARSELt where it runs here, else CUTLASS.
+
+    On a CUDA machine the choice is checked with a tiny 2:4 matmul (see backend_error): PyTorch's
+    CUTLASS 2:4 kernels, for one, run only on compute capability 8.x (A100-class) GPUs.
+    """
     if backend not in BACKENDS:
         raise UserError(f"unknown 2:4 kernel backend '{backend}' (choose from {', '.join(BACKENDS)})")
+    if not torch.cuda.is_available():  # nothing to probe; the runtimes refuse first (require_cuda)
+        if backend == "auto":
+            return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+        return backend
     if backend == "auto":
-        return "cusparselt" if torch.backends.cusparselt.is_available() else "cutlass"
+        why = {b: backend_error(b) for b in BACKENDS[1:]}
+        usable = [b for b, e in why.items() if e is None]
+        if not usable:
+            raise UserError("no 2:4 kernel backend runs on this GPU: "
+                            + "; ".join(f"{b}: {e}" for b, e in why.items()))
+        return usable[0]
+    why = backend_error(backend)
+    if why is not None:
+        raise UserError(f"the {backend} 2:4 kernels do not run here: {why}")
     return backend
+
+
+_BACKEND_ERRORS = {}
+
+
+def backend_error(backend):
+    """None when `backend`'s 2:4 fp16 matmul runs on this machine's GPU, else one line saying why not."""
+    if backend not in _BACKEND_ERRORS:
+        _BACKEND_ERRORS[backend] = _probe(backend)
+    return _BACKEND_ERRORS[backend]
+
+
+def _probe(backend):
+    if not torch.cuda.is_available():
+        return "no CUDA GPU"
+    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+        return "this PyTorch build has no cuSPARSELt"
+    try:
+        keep = torch.tensor([1.0, 0.0, 0.0, 1.0], device="cuda").repeat(64, 16)  # 2:4, 64 x 64
+        w = (torch.randn(64, 64, device="cuda") * keep).half()
+        x = torch.randn(32, 64, device="cuda", dtype=torch.float16)
+        y = torch.nn.functional.linear(x, to_semi_structured(w, backend))
+        torch.cuda.synchronize()
+        if not torch.allclose(y.float(), torch.nn.functional.linear(x, w).float(), rtol=1e-2, atol=1e-2):
+            return "a test matmul gave wrong results"
+    except RuntimeError as e:
+        text = str(e).strip()
+        return text.splitlines()[0] if text else type(e).__name__
+    return None
 
 
 def to_semi_structured(w, backend):

@@ -229,6 +229,10 @@ def test_gpu_target_writes_a_verified_report(tiny_dirs, text_file, tmp_path):
     assert v["perplexity"]["dense"] > 0 and v["perplexity"]["pruned"] > 0
     if not torch.cuda.is_available():
         assert "skipped" in r["benchmark"] and "Skipped: no CUDA GPU" in (out / "report.md").read_text()
+    else:
+        b = r["benchmark"]
+        assert sorted(x["runtime"] for x in b["rows"]) == ["torch-cuda", "torch-sparse24"] and b["speedup"] > 0
+        assert "2:4 speedup" in (out / "report.md").read_text()
     with pytest.raises(UserError, match="already exists"):
         run_gpu_target(tiny_dirs["llama"], out, calib=str(text_file), nsamples=4, seqlen=64, log=quiet)
     with pytest.raises(UserError, match="2:4"):
@@ -269,10 +273,11 @@ def test_sparse24_runtime_without_cuda(exported):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 def test_sparse24_runtime_matches_dense_on_gpu(exported, backend):
-    from sparse_export.runtimes.torch_sparse24 import TorchCudaDense, TorchSparse24
+    from sparse_export.runtimes.torch_sparse24 import TorchCudaDense, TorchSparse24, backend_error
 
-    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
-        pytest.skip("cuSPARSELt is not available")
+    why = backend_error(backend)
+    if why is not None:  # e.g. PyTorch's CUTLASS 2:4 kernels run on compute capability 8.x only
+        pytest.skip(f"{backend} does not run on this GPU: {why}")
     folder = exported["llama-24"][1]
     ids = np.random.default_rng(0).integers(0, 300, (2, 64))
     mask = np.ones_like(ids)
@@ -281,3 +286,21 @@ def test_sparse24_runtime_matches_dense_on_gpu(exported, backend):
     assert len(sparse.swapped) == 14 and not sparse.skipped and backend in sparse.version
     a, b = sparse.run(ids, mask), dense.run(ids, mask)
     assert a.shape == (2, 64, 300) and np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_sparse24_runtime_refuses_a_backend_this_gpu_lacks(exported):
+    """A backend whose kernels fail on this GPU is refused at load, in one line, and auto avoids it."""
+    from sparse_export.runtimes.torch_sparse24 import BACKENDS, TorchSparse24, backend_error, pick_backend
+
+    lacking = [b for b in BACKENDS[1:] if backend_error(b) is not None]
+    if len(lacking) == len(BACKENDS) - 1:
+        with pytest.raises(UserError, match="no 2:4 kernel backend runs on this GPU"):
+            pick_backend("auto")
+    else:
+        assert backend_error(pick_backend("auto")) is None
+    if not lacking:
+        pytest.skip("every 2:4 backend runs on this GPU")
+    for backend in lacking:
+        with pytest.raises(UserError, match=f"the {backend} 2:4 kernels do not run here"):
+            TorchSparse24(exported["llama-24"][1], backend=backend)
