@@ -28,7 +28,7 @@ def prune_and_export_cmd(
     threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     int8: bool = typer.Option(False, "--int8", help="cpu: also prune onto the int8 grid and export onnx-int8/."),
-    generate: bool = typer.Option(False, "--generate/--no-generate",
+    generate: bool = typer.Option(True, "--generate/--no-generate",
                                   help="cpu: also export KV-cache graphs and benchmark generation."),
     prompt_tokens: int = typer.Option(256, help="cpu, generation benchmark: prompt length."),
     new_tokens: int = typer.Option(128, help="cpu, generation benchmark: tokens generated."),

@@ -1,18 +1,22 @@
 """End-to-end latency of one forward pass over batch x seqlen tokens, per runtime and model.
 
-Each (runtime, model) pair is loaded alone, warmed up, timed, and freed before the next, so
-engines never compete for the cores. Speedups compare medians measured in the same run.
+The models of one runtime are loaded together and timed interleaved (every round runs each model
+once), so the slow drift of a shared machine hits dense and sparse alike; runs never overlap, so
+engines do not compete for the cores. DeepSparse runs in a fresh child process (its timings then do
+not depend on what the calling process did before, and a crash of the engine becomes an error
+message). Speedups compare medians measured in the same run.
 """
 
 import gc
 import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from . import models
+from . import isolate, models
 from .errors import UserError
 from .outputs import library_versions, peak_rss_gib, write_json
 
@@ -38,22 +42,17 @@ def random_inputs(vocab_size, batch, seqlen, seed=0):
     return ids, np.ones_like(ids)
 
 
-def time_runs(rt, ids, mask, warmup, iterations, bar=None):
-    """Warm up, then time `iterations` runs. Returns stats (ms) and the first output."""
-    first, wall, cpu = None, [], []
-    for i in range(warmup + iterations):
-        w0, c0 = time.perf_counter(), time.process_time()
-        out = rt.run(ids, mask)
-        if i >= warmup:
-            wall.append(time.perf_counter() - w0)
-            cpu.append(time.process_time() - c0)  # every thread of this process, engines included
-        first = out if first is None else first
-        if bar is not None:
-            bar.update(1)
+def _stats(wall, cpu, tokens):
     wall, cpu = np.array(wall) * 1e3, np.array(cpu) * 1e3
     med = float(np.median(wall))
     return {"median_ms": med, "p90_ms": float(np.percentile(wall, 90)), "min_ms": float(wall.min()),
-            "cpu_ms": float(np.median(cpu)), "tokens_per_s": ids.size / med * 1e3}, first
+            "cpu_ms": float(np.median(cpu)), "tokens_per_s": tokens / med * 1e3}
+
+
+def _timed(rt, ids, mask):
+    w0, c0 = time.perf_counter(), time.process_time()
+    out = rt.run(ids, mask)
+    return out, time.perf_counter() - w0, time.process_time() - c0  # CPU: every thread of this process
 
 
 def add_speedups(rows, baseline=None):
@@ -71,6 +70,45 @@ def add_speedups(rows, baseline=None):
     return rows
 
 
+def measure_runtime(folders, runtime, batch, seqlen, warmup, iterations, threads, logits, inputs, outputs=None):
+    """Load every folder ({label: folder}) on one runtime, warm each up, then time them interleaved
+    (each round runs every model once), so a shared machine's drift hits all models alike.
+
+    inputs: .npz of ids, mask. outputs: a folder for each model's first output (<label>.npy).
+    Peak memory per model: the interpreter's resident memory before any load plus what this model's
+    load and warm-up added (the others stay loaded beside it). Returns one row per model.
+    """
+    from .runtimes import get_runtime
+
+    saved = np.load(inputs)
+    ids, mask = saved["ids"], saved["mask"]
+    base, loaded, peaks = peak_rss_gib("VmRSS"), {}, {}
+    try:
+        for label, folder in folders.items():
+            before, exact = peak_rss_gib("VmRSS"), _reset_peak_rss()
+            rt = loaded[label] = get_runtime(runtime)(folder, batch=batch, seqlen=seqlen, threads=threads,
+                                                      logits=logits)
+            first = _timed(rt, ids, mask)[0]
+            for _ in range(warmup - 1):
+                _timed(rt, ids, mask)
+            peaks[label] = base + peak_rss_gib() - before if exact else peak_rss_gib()
+            if outputs:
+                np.save(Path(outputs) / f"{label}.npy", first)
+        wall, cpu = {k: [] for k in folders}, {k: [] for k in folders}
+        for _ in range(iterations):
+            for label, rt in loaded.items():
+                _, w, c = _timed(rt, ids, mask)
+                wall[label].append(w)
+                cpu[label].append(c)
+        return [{"runtime": runtime, "version": rt.version, "model": label, "folder": str(folders[label]),
+                 "logits": rt.logits, "load_s": rt.load_s, **_stats(wall[label], cpu[label], ids.size),
+                 "peak_rss_gib": peaks[label], "peak_rss_scope": "interpreter + this model's load and warm-up"}
+                for label, rt in loaded.items()]
+    finally:
+        for rt in loaded.values():
+            rt.close()
+
+
 def benchmark(folders, runtimes=None, baseline=None, batch=1, seqlen=400, warmup=3, iterations=20,
               threads=None, logits="last", inputs=None, keep_outputs=False, progress=True, log=print):
     """Time every runtime on every model.
@@ -86,7 +124,8 @@ def benchmark(folders, runtimes=None, baseline=None, batch=1, seqlen=400, warmup
     from .runtimes import get_runtime, installed
 
     runtimes = list(runtimes or [n for n in CPU_RUNTIMES if installed(n)])
-    classes = {name: get_runtime(name) for name in runtimes}  # unknown or missing: fail before any work
+    for name in runtimes:
+        get_runtime(name)  # unknown or missing: fail before any work
     for label, folder in folders.items():
         if not Path(folder).is_dir():
             raise UserError(f"folder not found: {folder}")
@@ -102,30 +141,34 @@ def benchmark(folders, runtimes=None, baseline=None, batch=1, seqlen=400, warmup
     if ids.shape != (batch, seqlen):
         raise UserError(f"inputs are {ids.shape}, expected ({batch}, {seqlen})")
 
-    plan = [(rt, label) for rt in runtimes for label in folders]
+    plan = {rt: dict(folders) for rt in runtimes}
     cpu_only = set(runtimes) <= set(CPU_RUNTIMES)
     if baseline is not None and cpu_only and "onnxruntime" not in runtimes and installed("onnxruntime"):
-        classes["onnxruntime"] = get_runtime("onnxruntime")  # the dense ONNX Runtime reference
-        plan.append(("onnxruntime", baseline))
+        plan["onnxruntime"] = {baseline: folders[baseline]}  # the dense ONNX Runtime reference
     rows = []
-    bar = tqdm(total=len(plan) * (warmup + iterations), desc="benchmark", unit="run", disable=not progress)
-    for name, label in plan:
-        bar.set_description(f"loading {name}/{label}")
-        exact_peak = _reset_peak_rss()
-        rt = classes[name](folders[label], batch=batch, seqlen=seqlen, threads=threads, logits=logits)
-        bar.set_description(f"{name}/{label}")
-        stats, out = time_runs(rt, ids, mask, warmup, iterations, bar)
-        row = {"runtime": name, "version": rt.version, "model": label, "folder": str(folders[label]),
-               "logits": rt.logits, "load_s": rt.load_s, **stats,
-               "peak_rss_gib": peak_rss_gib(), "peak_rss_scope": "this load+run" if exact_peak else "process"}
-        if keep_outputs:
-            row["output"] = out
-        rows.append(row)
-        if not progress:
-            log(f"{name}/{label}: loaded in {rt.load_s:.1f}s, median {stats['median_ms']:.2f} ms")
-        rt.close()
-        del rt
-        gc.collect()
+    bar = tqdm(total=sum(len(v) for v in plan.values()), desc="benchmark", unit="model", disable=not progress)
+    with tempfile.TemporaryDirectory(prefix="sparse-export-bench-") as scratch:
+        np.savez(Path(scratch) / "inputs.npz", ids=ids, mask=mask)
+        for name, group in plan.items():
+            bar.set_description(f"{name}: {', '.join(group)}")
+            out_dir = Path(scratch) / name
+            out_dir.mkdir()
+            args = dict(folders={k: str(v) for k, v in group.items()}, runtime=name, batch=batch, seqlen=seqlen,
+                        warmup=warmup, iterations=iterations, threads=threads, logits=logits,
+                        inputs=str(Path(scratch) / "inputs.npz"), outputs=str(out_dir) if keep_outputs else None)
+            if name == "deepsparse":  # a fresh process: timings free of this one's state, crashes contained
+                got = isolate.call("sparse_export.bench:measure_runtime", args,
+                                   f"DeepSparse running {', '.join(group)}", "try --threads 1, or another --runtime")
+            else:
+                got = measure_runtime(**args)
+            for row in got:
+                if keep_outputs:
+                    row["output"] = np.load(out_dir / f"{row['model']}.npy")
+                if not progress:
+                    log(f"{name}/{row['model']}: loaded in {row['load_s']:.1f}s, median {row['median_ms']:.2f} ms")
+            rows += got
+            bar.update(len(group))
+            gc.collect()
     bar.close()
     add_speedups(rows, baseline)
     config = {"batch": batch, "seqlen": seqlen, "warmup": warmup, "iterations": iterations,

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import isolate
 from .errors import UserError
 from .generate import RUNTIMES, KVSession
 from .bench import _cpu_name as bench_cpu_name
@@ -17,6 +18,9 @@ COLUMNS = [("runtime", "runtime"), ("model", "model"), ("sparsity", "sparsity"),
            ("peak GiB", "peak_rss_gib"), ("x baseline decode", "speedup_vs_baseline"),
            ("x baseline TTFT", "ttft_speedup_vs_baseline")]
 
+CRASH_HINT = ("DeepSparse 1.8 does this on KV-cache graphs of some small models with more than one core; "
+              "try --threads 1, or --runtime onnxruntime")
+
 
 def prompt_ids(vocab_size, n, seed=0):
     """A fixed pseudo-random prompt: timing does not depend on the text."""
@@ -27,23 +31,44 @@ def measure(folder, runtime, prompt_tokens=256, new_tokens=128, warmup=1, iterat
             label=None, session=None):
     """Load FOLDER on RUNTIME (or use `session`), then time `iterations` generations of exactly
     new_tokens (no EOS stop). Returns a row."""
+    label = label or Path(folder).name
+    return measure_all({label: folder}, runtime, prompt_tokens, new_tokens, warmup, iterations, threads,
+                       sessions={label: session} if session else None)[0]
+
+
+def measure_all(folders, runtime, prompt_tokens=256, new_tokens=128, warmup=1, iterations=3, threads=None,
+                sessions=None):
+    """Time generation with every model of folders ({label: folder}) on one runtime, interleaved:
+    each round generates once with each model, so the drift of a shared machine hits them alike.
+    Returns one row per model."""
+    sessions = dict(sessions or {})
+    for label, folder in folders.items():
+        s = sessions.get(label) or KVSession(folder, runtime, threads)
+        if prompt_tokens + new_tokens - 1 > s.max_length:
+            raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit {folder} "
+                            f"(exported with --max-length {s.max_length})")
+        if runtime == "deepsparse":  # compile both shapes before timing
+            s.engine(prompt_tokens)
+            s.engine(1)
+        sessions[label] = s
+    ids = {label: prompt_ids(_vocab_size(f), prompt_tokens) for label, f in folders.items()}
+    for label in folders:
+        for _ in range(warmup):
+            _one(sessions[label], ids[label], min(new_tokens, 8))
+    runs = {label: [] for label in folders}
+    for _ in range(iterations):
+        for label in folders:
+            runs[label].append(_one(sessions[label], ids[label], new_tokens))
+    return [_row(label, folders[label], runtime, sessions[label], runs[label], prompt_tokens, new_tokens,
+                 iterations, threads) for label in folders]
+
+
+def _row(label, folder, runtime, session, runs, prompt_tokens, new_tokens, iterations, threads):
     meta = read_meta(folder)
-    session = session or KVSession(folder, runtime, threads)
-    if prompt_tokens + new_tokens - 1 > session.max_length:
-        raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit {folder} "
-                        f"(exported with --max-length {session.max_length})")
-    vocab = _vocab_size(folder)
-    ids = prompt_ids(vocab, prompt_tokens)
-    if runtime == "deepsparse":  # compile both shapes before timing
-        session.engine(prompt_tokens)
-        session.engine(1)
-    for _ in range(warmup):
-        _one(session, ids, min(new_tokens, 8))
-    runs = [_one(session, ids, new_tokens) for _ in range(iterations)]
     steps = [s for r in runs for s in r["steps"]]
     decode_s = statistics.median(r["decode_s"] for r in runs)
     return {
-        "model": label or Path(folder).name, "folder": str(folder), "runtime": runtime,
+        "model": label, "folder": str(folder), "runtime": runtime,
         "sparsity": meta.get("prunable_sparsity"), "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens, "max_length": session.max_length, "iterations": iterations,
         "threads": threads, "load_s": session.compile_s,
@@ -88,7 +113,8 @@ def _weight_bytes(meta):
 
 def benchmark(folders, runtimes=None, baseline=None, prompt_tokens=256,
               new_tokens=128, warmup=1, iterations=3, threads=None, progress=True):
-    """Time generation of every model on every runtime, one (runtime, model) loaded at a time.
+    """Time generation of every model on every runtime; the models of one runtime are loaded together
+    and timed interleaved (measure_all), DeepSparse in a child process.
 
     folders: {label: KV-cache deployment folder}; `baseline` names the dense one.
     runtimes: default the installed ones of deepsparse, onnxruntime.
@@ -109,9 +135,14 @@ def benchmark(folders, runtimes=None, baseline=None, prompt_tokens=256,
         if rt not in RUNTIMES:
             raise UserError(f"--mode generate runs on {' and '.join(RUNTIMES)}, not '{rt}'")
     rows = []
-    plan = [(rt, label) for rt in runtimes for label in folders]
-    for rt, label in tqdm(plan, desc="generate benchmark", unit="model", disable=not progress):
-        rows.append(measure(folders[label], rt, prompt_tokens, new_tokens, warmup, iterations, threads, label))
+    for rt in tqdm(runtimes, desc="generate benchmark", unit="runtime", disable=not progress):
+        args = dict(folders={k: str(v) for k, v in folders.items()}, runtime=rt, prompt_tokens=prompt_tokens,
+                    new_tokens=new_tokens, warmup=warmup, iterations=iterations, threads=threads)
+        if rt == "deepsparse":  # a DeepSparse crash ends its child process, not this job
+            rows += isolate.call("sparse_export.bench_generate:measure_all", args,
+                                 f"DeepSparse generating with {', '.join(folders)}", CRASH_HINT)
+        else:
+            rows += measure_all(**args)
         gc.collect()
     add_speedups(rows, baseline)
     config = {"mode": "generate", "batch": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,

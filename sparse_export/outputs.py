@@ -64,15 +64,15 @@ def library_versions():
     return out
 
 
-def peak_rss_gib():
-    """Peak resident memory of this process so far, in GiB.
+def peak_rss_gib(field="VmHWM"):
+    """Peak resident memory of this process so far, in GiB (field="VmRSS": the current one).
 
     VmHWM belongs to this program's address space; ru_maxrss is inherited across fork+exec, so a
     child started by a large parent would report the parent's peak.
     """
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 2**20
     except OSError:
         pass

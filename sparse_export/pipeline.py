@@ -86,7 +86,7 @@ def _text_inputs(source, tokenizer, batch, seqlen, vocab):
 def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=128, seqlen=2048, seed=0,
                    eval_data=None, eval_seqlen=2048, max_segments=None, bench_batch=1, bench_seqlen=400,
                    warmup=3, iterations=20, runtimes=None, logits="last", ignore=(), force=False,
-                   threads=None, int8=False, generate=False, prompt_tokens=256, new_tokens=128, log=print):
+                   threads=None, int8=False, generate=True, prompt_tokens=256, new_tokens=128, log=print):
     """Prune with SparseGPT, export dense and sparse ONNX, verify, benchmark, report. Returns report.json's dict.
 
     int8: prune jointly onto the int8 weight grid (wbits=8) and also export onnx-int8/.
@@ -126,6 +126,7 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
         log(f"loading {model}")
         dense, tok = models.load_model(model)
         models.decoder_layers(dense)  # unsupported architecture: fail before any work
+        gen_skip = _generation_skip(dense, generate, runtimes, prompt_tokens, new_tokens)
         inputs, inputs_note = _text_inputs(eval_data or calib, tok, bench_batch, bench_seqlen,
                                            dense.config.vocab_size)
         deploy("dense", model, dense, tok)
@@ -170,7 +171,12 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
         }
         sections = _sections(report, rows)
         gen_runtimes = [r for r in runtimes if r in ("deepsparse", "onnxruntime")]
-        if generate and gen_runtimes:
+        if gen_skip:
+            log(f"generation benchmark skipped: {gen_skip}")
+            report["generate"] = {"skipped": gen_skip}
+            if generate:
+                sections.append(("Generation", f"Not measured: {gen_skip}."))
+        else:
             log(f"generation benchmark: {', '.join(gen_runtimes)}, {prompt_tokens}-token prompt, "
                 f"{new_tokens} new tokens")
             from .bench_generate import pipeline_section
@@ -183,8 +189,24 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
         title = f"{model}: {prune_meta['pruned_sparsity']:.0%} SparseGPT for CPU"
         write_report(tmp, title, sections, report, plot=PLOT)
     log(f"wrote {out} (pruned-model/, onnx-dense/, onnx-sparse/, {'onnx-int8/, ' if int8 else ''}"
-        f"{'dense-kv/, sparse-kv/, ' if generate else ''}report.md, report.json, {PLOT})")
+        f"{'' if gen_skip else 'dense-kv/, sparse-kv/, generate.png, '}report.md, report.json, {PLOT})")
     return report
+
+
+def _generation_skip(model, generate, runtimes, prompt_tokens, new_tokens):
+    """Why the generation benchmark is left out (None: it runs). Bad lengths are an error."""
+    from .onnx_kv import SUPPORTED
+
+    if not generate:
+        return "--no-generate"
+    if min(prompt_tokens, new_tokens - 1) < 1:
+        raise UserError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
+    if not any(r in ("deepsparse", "onnxruntime") for r in runtimes):
+        return "it runs on deepsparse or onnxruntime, and neither is among the runtimes"
+    arch = models.model_type(model)
+    if arch not in SUPPORTED:
+        return f"the KV-cache export does not support architecture '{arch}' (supported: {', '.join(SUPPORTED)})"
+    return None
 
 
 def _deploy_int8(model, tok, pruned_dir, folder, calib, nsamples, seqlen, seed, eval_data, eval_seqlen,
@@ -239,7 +261,7 @@ def _sections(r, rows):
     agree = table(v["agreement"], [("model", "model"), ("runtime", "runtime"),
                                    ("max abs diff vs torch", "max_abs_diff"),
                                    ("max abs output", "max_abs_output"), ("tolerance", "tolerance")])
-    sections = [("Summary", summary),
+    sections = [("Summary", summary), ("Side by side", _side_by_side(v["perplexity"], rows)),
                 ("Correctness", f"Outputs on {v['inputs']}, against the torch model in eval mode.\n\n{agree}")]
     if v["perplexity"]:
         ppl = [{**x, "model": k} for k, x in v["perplexity"].items()]
@@ -253,6 +275,21 @@ def _sections(r, rows):
     sections.append(("Speed", speed))
     sections.append(("Against the paper", _paper_section(rows, s)))
     return sections
+
+
+def _side_by_side(ppl, rows):
+    """One line per model: perplexity, then latency and speedup over dense on each runtime."""
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    by = {(r["model"], r["runtime"]): r for r in rows}
+    head = ["model", "perplexity"] + [f"{rt} {x}" for rt in runtimes for x in ("ms", "x dense")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        cells = [m, fmt(ppl.get(m, {}).get("perplexity"), ".2f")]
+        for rt in runtimes:
+            r = by.get((m, rt), {})
+            cells += [fmt(r.get("median_ms"), ".1f"), fmt(r.get("speedup_vs_baseline"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nLatency: median of the timed runs (see Speed); perplexity: see Perplexity."
 
 
 def _paper_section(rows, s):

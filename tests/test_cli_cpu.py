@@ -85,14 +85,16 @@ def _pipeline_args(tiny_dirs, text_file, out, extra=()):
     rts = [a for n in ("onnxruntime", "torch", "deepsparse") if runtimes.installed(n) for a in ("--runtime", n)]
     return ["prune-and-export", str(tiny_dirs["llama"]), "--target", "cpu", "--out", str(out), "--calib",
             str(text_file), "--nsamples", "4", "--seqlen", "64", "--eval-data", str(text_file), "--eval-seqlen",
-            "64", "--max-segments", "2", "--bench-seqlen", "16", "--iterations", "2", *rts, *extra]
+            "64", "--max-segments", "2", "--bench-seqlen", "16", "--iterations", "2", "--threads", "1",
+            "--prompt-tokens", "8", "--new-tokens", "4", *rts, *extra]
 
 
 def test_prune_and_export_cpu(tiny_dirs, text_file, tmp_path):
     out = tmp_path / "out"
     assert main(_pipeline_args(tiny_dirs, text_file, out)) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "onnx-dense", "onnx-sparse", "pruned-model",
-                                                     "report.json", "report.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["dense-kv", "generate.png", "latency.png", "onnx-dense",
+                                                     "onnx-sparse", "pruned-model", "report.json", "report.md",
+                                                     "sparse-kv"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
     r = json.loads((out / "report.json").read_text())
     assert r["export"]["sparse"]["prunable_sparsity"] == pytest.approx(r["prune"]["pruned_sparsity"])
@@ -103,13 +105,34 @@ def test_prune_and_export_cpu(tiny_dirs, text_file, tmp_path):
     assert all(a["max_abs_diff"] <= a["tolerance"] for a in r["verify"]["agreement"])
     assert set(r["verify"]["perplexity"]) == {"dense", "sparse"}
     md = (out / "report.md").read_text()
-    for text in ("## Correctness", "## Perplexity", "## Speed", "## Against the paper", "1.82x", "latency.png"):
+    for text in ("## Correctness", "## Perplexity", "## Speed", "## Against the paper", "1.82x", "latency.png",
+                 "## Generation", "decode tok/s", "generate.png"):
         assert text in md
+    # side by side: one line per model, its perplexity and its speedup on each runtime
+    side = md.split("## Side by side")[1].split("##")[0]
+    sparse_line = next(line for line in side.splitlines() if line.startswith("| sparse |"))
+    assert f"| {r['verify']['perplexity']['sparse']['perplexity']:.2f} |" in sparse_line
+    assert sparse_line.count("|") == 3 + 2 * len(installed)
+    # generation (on by default): every KV-capable runtime, dense and sparse, speedup against dense
+    gen = {(g["runtime"], g["model"]): g for g in r["generate"]["rows"]}
+    kv_runtimes = [n for n in ("onnxruntime", "deepsparse") if runtimes.installed(n)]
+    assert set(gen) == {(n, m) for n in kv_runtimes for m in ("dense", "sparse")}
+    assert all(g["decode_tok_s"] > 0 and g["new_tokens"] == 4 for g in gen.values())
+    assert gen[kv_runtimes[0], "dense"]["speedup_vs_baseline"] == 1
+    assert gen[kv_runtimes[0], "sparse"]["sparsity"] == pytest.approx(r["export"]["sparse"]["prunable_sparsity"])
     # the deployments stay usable where they are: torch finds ../pruned-model
     from sparse_export.runtimes import get_runtime
 
     assert get_runtime("torch")(out / "onnx-sparse", seqlen=16).module.lm.name_or_path == \
         str((out / "pruned-model").resolve())
+
+
+def test_prune_and_export_no_generate(tiny_dirs, text_file, tmp_path):
+    out = tmp_path / "out"
+    assert main(_pipeline_args(tiny_dirs, text_file, out, ["--no-generate"])) == 0
+    assert not (out / "dense-kv").exists() and not (out / "generate.png").exists()
+    assert json.loads((out / "report.json").read_text())["generate"] == {"skipped": "--no-generate"}
+    assert "## Generation" not in (out / "report.md").read_text()
 
 
 def test_prune_and_export_failure_leaves_nothing(tiny_dirs, text_file, tmp_path, capsys, monkeypatch):

@@ -246,7 +246,7 @@ def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys):
     rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--target", "cpu", "--sparsity", "0.5", "--int8",
                "--out", str(out), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
                "--eval-data", str(text_file), "--eval-seqlen", "64", "--max-segments", "2",
-               "--runtime", "onnxruntime", "--iterations", "2", "--bench-seqlen", "32", "--threads", "1"])
+               "--runtime", "onnxruntime", "--iterations", "2", "--bench-seqlen", "32", "--threads", "1", "--no-generate"])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["wbits"] == 8
@@ -255,3 +255,6 @@ def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys):
     assert read_meta(out / "onnx-int8")["int8"]["matmul_integer"] == 14
     md = (out / "report.md").read_text()
     assert "int8" in md and "MatMulInteger" in md
+    side = md.split("## Side by side")[1].split("##")[0]  # perplexity and speed of the three models together
+    assert [line.split("|")[1].strip() for line in side.strip().splitlines()[2:5]] == ["dense", "sparse", "int8"]
+    assert f"| {report['verify']['perplexity']['int8']['perplexity']:.2f} |" in side
