@@ -55,6 +55,10 @@ def main():
     ap.add_argument("--percentile", type=float, default=None, help="activation range percentile (default min/max)")
     ap.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                     help="keep Linear layers with outlier inputs fp32 (0: all int8)")
+    ap.add_argument("--speed-only", action="store_true",
+                    help="time the deployments only (no perplexity); writes int8-speed-threads<N>.{json,md}")
+    ap.add_argument("--profile", action="store_true",
+                    help="with --speed-only: DeepSparse's per-operator profile of dense fp32 and int8-50")
     ap.add_argument("--work", default=None, help="keep the model folders here (default: a temp folder)")
     args = ap.parse_args()
     setting = "quick" if args.quick else "full"
@@ -118,6 +122,8 @@ def main():
         step(f"perplexity {label}: {res['perplexity']:.3f}")
 
     ratio = act["outlier_ratio"]
+    if args.speed_only:
+        return speed_only(args, cfg, work, folders, dense, act, t_start)
     perplexity("dense fp32", dense)
     perplexity("SparseGPT 50% fp32", folders["sparsegpt50"])
     perplexity("joint SparseGPT+int8 50% (weights)", folders["joint50-w8"])
@@ -129,26 +135,7 @@ def main():
         perplexity("joint SparseGPT+int8 50% W8A8", folders["joint50-w8"], ratio)
         perplexity("SparseGPT 50% then round W8A8", folders["round50-w8"], ratio)
 
-    # ---- deployments and speed -----------------------------------------------------------
-    deploy = {}
-    sources = {"dense-fp32": (dense, False), "sparse50-fp32": (folders["sparsegpt50"], False),
-               "int8-dense": (dense, True), "int8-50": (folders["joint50-w8"], True),
-               "int8-70": (folders.get("joint70-w8"), True)}
-    for label in cfg["speed"]:
-        src, int8 = sources[label]
-        deploy[label] = work / f"deploy-{label}"
-        if deploy[label].exists():
-            continue
-        step(f"exporting {label}")
-        if int8:
-            export_int8(src, deploy[label], logits="last", **act, **quiet)
-        else:
-            export_onnx(src, deploy[label], logits="last", **quiet)
-    runtimes = [r for r in args.runtimes.split(",") if r]
-    step(f"timing {', '.join(deploy)} on {', '.join(runtimes)}")
-    speed = bench.benchmark(deploy, runtimes, baseline="dense-fp32", batch=1, seqlen=400,
-                            warmup=cfg["warmup"], iterations=cfg["iterations"], threads=args.threads,
-                            progress=False, log=lambda *a: None)
+    deploy, speed = deploy_and_time(args, cfg, work, folders, dense, act, step)
 
     # ---- report --------------------------------------------------------------------------
     sgpt = ppl["SparseGPT 50% fp32"]
@@ -204,6 +191,76 @@ def main():
                      "Not the numbers to quote.**\n")
     (res_dir / f"{stem}.md").write_text("\n".join(md))
     print("\n".join(md))
+
+
+def deploy_and_time(args, cfg, work, folders, dense, act, step):
+    """Export the deployments named in cfg["speed"] (kept in `work`) and time them. Returns (deploy, speed)."""
+    quiet = dict(log=lambda *a: None)
+    deploy = {}
+    sources = {"dense-fp32": (dense, False), "sparse50-fp32": (folders["sparsegpt50"], False),
+               "int8-dense": (dense, True), "int8-50": (folders["joint50-w8"], True),
+               "int8-70": (folders.get("joint70-w8"), True)}
+    for label in cfg["speed"]:
+        src, int8 = sources[label]
+        deploy[label] = work / f"deploy-{label}"
+        if deploy[label].exists():
+            continue
+        step(f"exporting {label}")
+        if int8:
+            export_int8(src, deploy[label], logits="last", **act, **quiet)
+        else:
+            export_onnx(src, deploy[label], logits="last", **quiet)
+    runtimes = [r for r in args.runtimes.split(",") if r]
+    step(f"timing {', '.join(deploy)} on {', '.join(runtimes)}")
+    speed = bench.benchmark(deploy, runtimes, baseline="dense-fp32", batch=1, seqlen=400,
+                            warmup=cfg["warmup"], iterations=cfg["iterations"], threads=args.threads,
+                            progress=False, log=lambda *a: None)
+
+    return deploy, speed
+
+
+def speed_only(args, cfg, work, folders, dense, act, t_start):
+    """Timing alone, e.g. with another --threads: int8-speed-threads<N>.{json,md}."""
+    def step(msg):
+        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+
+    _, speed = deploy_and_time(args, cfg, work, folders, dense, act, step)
+    by = {(r["runtime"], r["model"]): r for r in speed["rows"]}
+    checks = {f"DeepSparse {label} >= {BARS['deepsparse_' + label]}x dense fp32":
+              by[("deepsparse", label)]["speedup_vs_baseline"] >= BARS["deepsparse_" + label]
+              for label in ("int8-50", "int8-70") if ("deepsparse", label) in by}
+    stem = f"int8-speed-threads{args.threads or 'all'}"
+    res_dir = ROOT / "benchmarks" / "results"
+    jobs.dump({"threads": args.threads or "all", "speed": {**speed, "rows": [
+        {k: v for k, v in r.items() if k != "output"} for r in speed["rows"]]}, "bars": checks},
+        res_dir / f"{stem}.json")
+    md = [f"# Sparse INT8 on CPU, speed only, threads: {args.threads or 'all'}: SmolLM2-135M", "",
+          "Same deployments as `int8.md` (last-token logits, 1 x 400 tokens); the models of one runtime are "
+          "timed interleaved.", "", bench.table(speed), "", "## Bars (issue 7)", "",
+          *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()], ""]
+    if args.profile:
+        for label in ("dense-fp32", "int8-50"):
+            step(f"profiling {label} on DeepSparse")
+            md += [f"## DeepSparse per-operator profile: {label}", "", "```",
+                   profile(work / f"deploy-{label}", args.threads).strip(), "```", ""]
+    (res_dir / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
+
+
+def profile(deploy_dir, threads):
+    """DeepSparse's layer breakdown of one 1 x 400 forward pass (text from its debug analysis)."""
+    import numpy as np
+    from deepsparse.debug_analysis import construct_layer_statistics
+    from deepsparse.engine import DebugAnalysisEngine
+
+    from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fixed_shape_copy(Path(deploy_dir) / "model.onnx", 1, 400, tmp)
+        engine = DebugAnalysisEngine(str(path), batch_size=1, num_cores=threads, num_iterations=10,
+                                     num_warmup_iterations=2)
+        ids = bench.random_inputs(49152, 1, 400)[0]
+        return construct_layer_statistics(engine.analyze([ids, np.ones_like(ids)], val_inp=False))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch
 from . import data, models
 from .evaluate import perplexity
 from .outputs import META_FILE, Timer, atomic_dir, library_versions, peak_rss_gib, write_json
-from .prune import Recipe, prune_model
+from .prune import QUANT_HEADROOM, Recipe, prune_model
 from .quant import grid_info
 
 
@@ -56,7 +56,8 @@ def prune(model_spec, out, recipe: Recipe, force=False, threads=None, log=print)
             "source_model": str(model_spec),
             "architecture": models.model_type(model),
             "recipe": recipe.to_dict(),
-            **({"quantization": grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt")}
+            **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
+                                  "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
                if recipe.wbits else {}),
             "pruned_sparsity": zeros / max(total, 1),
             "calibration_mode": mode,

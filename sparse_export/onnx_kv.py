@@ -17,7 +17,6 @@ grouped-query models keep their small cache; query heads share KV heads inside t
 """
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

@@ -162,17 +162,28 @@ class _InputStats:
         return out
 
 
-def make_quantizer(W, bits, per_channel, row_splits=None):
+# At 8 bits the joint grid spans QUANT_HEADROOM x the largest |weight| before the sweep: SparseGPT's
+# updates grow the rows they compensate (SmolLM2-135M at 50%: row maxima +0.8% median, +7% at the 90th
+# and +17% at the 99th percentile), and weights clipped at the grid's end cost joint int8 pruning 1.6%
+# perplexity (50.49 vs 49.70 fp32; with 1.1: 49.73, with 1.2: 49.78). Coarser grids keep 1.0: there a
+# 10% larger step costs more than the clipping it avoids (tests/test_quant.py).
+QUANT_HEADROOM = 1.1
+
+
+def make_quantizer(W, bits, per_channel, row_splits=None, headroom=None):
     """Symmetric grid (zero point 0, so zeros stay zero); scales fixed before the sweep.
 
     Per tensor means one scale per matrix: matrices stacked into one sweep (row_splits) keep their own.
+    headroom: the grid spans this times the largest |weight| (default: QUANT_HEADROOM at 8 bits, else 1).
     """
+    if headroom is None:
+        headroom = QUANT_HEADROOM if bits == 8 else 1.0
     qmax = 2 ** (bits - 1) - 1
     if per_channel:
-        scale = W.abs().amax(dim=1).clamp_min(1e-12) / qmax
+        scale = W.abs().amax(dim=1).clamp_min(1e-12) * headroom / qmax
     else:
         scale = torch.cat([part.abs().max().clamp_min(1e-12).expand(part.shape[0])
-                           for part in W.split(row_splits or [W.shape[0]])]) / qmax
+                           for part in W.split(row_splits or [W.shape[0]])]) * headroom / qmax
 
     def quantize(col, _index):
         return torch.clamp(torch.round(col / scale), -qmax - 1, qmax) * scale

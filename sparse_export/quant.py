@@ -33,7 +33,7 @@ def round_weights(model, bits=8, per_channel=True, names=None):
         for name in names:
             mod = model.get_submodule(name)
             W = models.weight_2d(mod).float()
-            quantize, scale = make_quantizer(W, bits, per_channel)
+            quantize, scale = make_quantizer(W, bits, per_channel, headroom=1.0)  # no updates follow
             models.set_weight_2d(mod, quantize(W.t(), None).t())   # the quantizer takes columns
             scales[name] = scale.tolist()
     return scales

@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -120,3 +121,35 @@ def test_benchmark_table_json_and_plot(folders, tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert len(saved["rows"]) == 3 and saved["config"]["seqlen"] == 16
     assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_models_of_a_runtime_are_timed_interleaved(tmp_path, monkeypatch):
+    """Each model is loaded and warmed up, then the timed rounds alternate between the models."""
+    calls = []
+
+    class Fake:
+        version, logits, load_s = "0", "last", 0.0
+
+        def __init__(self, folder, **kw):
+            self.name = Path(folder).name
+            calls.append(("load", self.name))
+
+        def run(self, ids, mask):
+            calls.append(("run", self.name))
+            return np.zeros((1, 3), np.float32) + len(self.name)
+
+        def close(self):
+            calls.append(("close", self.name))
+
+    monkeypatch.setattr(runtimes, "get_runtime", lambda name: Fake)
+    folders = {}
+    for name in ("a", "bb"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text('{"vocab_size": 10}')
+        folders[name] = tmp_path / name
+    res = bench.benchmark(folders, ["onnxruntime"], baseline="a", batch=1, seqlen=4, warmup=2, iterations=3,
+                          keep_outputs=True, progress=False, log=lambda *a: None)
+    assert calls == [("load", "a"), ("run", "a"), ("run", "a"), ("load", "bb"), ("run", "bb"), ("run", "bb"),
+                     *[("run", n) for _ in range(3) for n in ("a", "bb")], ("close", "a"), ("close", "bb")]
+    assert [r["model"] for r in res["rows"]] == ["a", "bb"]
+    assert [float(r["output"][0, 0]) for r in res["rows"]] == [1.0, 2.0]  # each model's own first output
