@@ -215,48 +215,6 @@ def bench_layers_graphs(backends, warmup, iterations, log=print):
     return rows
 
 
-def bench_e2e_graphs(backends, warmup, iterations, log=print):
-    """End-to-end prefill captured in CUDA graphs (no attention mask: all tokens real), dense vs 2:4."""
-    from sparse_export.runtimes.torch_sparse24 import sparsify_24
-
-    rows = []
-    for label, model_type, config_kw, counts in E2E_MODELS:
-        dense = build_model(model_type, config_kw)
-        params = sum(p.numel() for p in dense.parameters())
-        variants = [(DENSE, dense)]
-        for backend in backends:
-            model = copy.deepcopy(dense)
-            sparsify_24(model, backend)
-            variants.append((backend, model))
-        for batch, seqlen in SHAPES:
-            gen = torch.Generator(device="cuda").manual_seed(batch * seqlen)
-            ids = torch.randint(0, config_kw["vocab_size"], (batch, seqlen), device="cuda", generator=gen)
-            base, ref = None, None
-            for kernels, model in variants:
-                row = {"model": f"{label}, {params / 1e9:.3f}B params", "model_type": model_type,
-                       "counts_for_bar": counts, "batch": batch, "seqlen": seqlen, "kernels": kernels}
-                try:
-                    with torch.inference_mode():
-                        ms, out = graph_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
-                                           warmup, iterations, 1)
-                    if kernels == DENSE:
-                        base, ref = ms, out.clone()
-                    row.update(median_ms=ms, tokens_per_s=batch * seqlen / ms * 1e3,
-                               speedup=base / ms if base else None,
-                               logits_max_rel_error=rel_error(out, ref) if ref is not None else None)
-                except Exception as e:
-                    row["error"] = first_line(e)
-                rows.append(row)
-                log(f"graph {label} {batch}x{seqlen} {kernels}: "
-                    + (f"{row['median_ms']:.2f} ms, {row['speedup']:.2f}x" if "error" not in row
-                       else f"failed: {row['error']}"))
-        variants.clear()
-        dense = model = None
-        gc.collect()
-        torch.cuda.empty_cache()
-    return rows
-
-
 def build_model(model_type, config_kw):
     """A model of that shape with random fp16 weights on the GPU, every decoder Linear magnitude-2:4."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -274,10 +232,27 @@ def build_model(model_type, config_kw):
     return model
 
 
-def bench_e2e(backends, warmup, iterations, log=print):
+def eager_ms(model, ids, mask, warmup, iterations):
+    """Prefill through the export wrapper (what the torch-sparse24 runtime runs), eager."""
     from sparse_export.onnx_export import ExportModule
+
+    run = ExportModule(model, "last")
+    out = run(ids, mask)
+    return cuda_ms(lambda: run(ids, mask), warmup, iterations), out
+
+
+def captured_ms(model, ids, mask, warmup, iterations):
+    """Prefill captured in a CUDA graph (no attention mask: all tokens real)."""
+    ms, out = graph_ms(lambda: model(input_ids=ids, use_cache=False, logits_to_keep=1).logits,
+                       warmup, iterations, 1)
+    return ms, out.clone()  # the graph's output buffer is overwritten by the next replay
+
+
+def bench_e2e(backends, warmup, iterations, graphs=False, log=print):
+    """End-to-end prefill, dense vs 2:4, eager or (graphs=True) captured in CUDA graphs."""
     from sparse_export.runtimes.torch_sparse24 import sparsify_24
 
+    timer = captured_ms if graphs else eager_ms
     rows = []
     for label, model_type, config_kw, counts in E2E_MODELS:
         dense = build_model(model_type, config_kw)
@@ -294,13 +269,12 @@ def bench_e2e(backends, warmup, iterations, log=print):
             base, ref = None, None
             for kernels, model, (n_swapped, n_skipped) in variants:
                 row = {"model": f"{label}, {params / 1e9:.3f}B params", "model_type": model_type,
-                       "counts_for_bar": counts, "batch": batch, "seqlen": seqlen, "kernels": kernels,
-                       "linears_swapped": n_swapped, "linears_skipped": n_skipped}
+                       "counts_for_bar": counts, "batch": batch, "seqlen": seqlen, "kernels": kernels}
+                if not graphs:
+                    row.update(linears_swapped=n_swapped, linears_skipped=n_skipped)
                 try:
-                    run = ExportModule(model, "last")
                     with torch.inference_mode():
-                        out = run(ids, mask)
-                        ms = cuda_ms(lambda: run(ids, mask), warmup, iterations)
+                        ms, out = timer(model, ids, mask, warmup, iterations)
                     if kernels == DENSE:
                         base, ref = ms, out
                     row.update(median_ms=ms, tokens_per_s=batch * seqlen / ms * 1e3,
@@ -309,11 +283,11 @@ def bench_e2e(backends, warmup, iterations, log=print):
                 except Exception as e:
                     row["error"] = first_line(e)
                 rows.append(row)
-                log(f"{label} {batch}x{seqlen} {kernels}: "
+                log(f"{'graph ' if graphs else ''}{label} {batch}x{seqlen} {kernels}: "
                     + (f"{row['median_ms']:.2f} ms, {row['speedup']:.2f}x" if "error" not in row
                        else f"failed: {row['error']}"))
         variants.clear()
-        dense = model = run = None
+        dense = model = None
         gc.collect()
         torch.cuda.empty_cache()
     return rows
@@ -458,7 +432,7 @@ def main():
                 ("e2e", lambda: bench_e2e(backends, 3, 5 if args.quick else 20)),
                 # last: a capture that fails could leave the CUDA context unusable
                 ("layers_graph", lambda: bench_layers_graphs(backends, warm, iters)),
-                ("e2e_graph", lambda: bench_e2e_graphs(backends, 3, 5 if args.quick else 20))]
+                ("e2e_graph", lambda: bench_e2e(backends, 3, 5 if args.quick else 20, graphs=True))]
     for key, fn in sections:
         try:
             result[key] = fn()

@@ -123,7 +123,7 @@ def main():
 
     ratio = act["outlier_ratio"]
     if args.speed_only:
-        return speed_only(args, cfg, work, folders, dense, act, t_start)
+        return speed_only(args, cfg, work, folders, dense, act, step)
     perplexity("dense fp32", dense)
     perplexity("SparseGPT 50% fp32", folders["sparsegpt50"])
     perplexity("joint SparseGPT+int8 50% (weights)", folders["joint50-w8"])
@@ -142,15 +142,11 @@ def main():
     ppl_rows = [{"model": k, "perplexity": v, "vs SparseGPT 50% fp32": v / sgpt - 1,
                  "fp32 Linear": len(fp32_layers[k]) if k in fp32_layers else ""} for k, v in ppl.items()]
     joint, rounded = ppl["joint SparseGPT+int8 50% (weights)"], ppl["SparseGPT 50% then round (weights)"]
-    by = {(r["runtime"], r["model"]): r for r in speed["rows"]}
     checks = {
         "joint 50% within 3% of SparseGPT 50% fp32": joint / sgpt - 1 <= BARS["ppl_joint_vs_sparsegpt"],
         "joint better than prune-then-round": joint < rounded,
     }
-    for label, bar in (("int8-50", BARS["deepsparse_int8-50"]), ("int8-70", BARS["deepsparse_int8-70"])):
-        row = by.get(("deepsparse", label))
-        if row and row.get("speedup_vs_baseline"):
-            checks[f"DeepSparse {label} >= {bar}x dense fp32"] = row["speedup_vs_baseline"] >= bar
+    checks.update(speed_checks(speed))
     result = {"setting": setting, **cfg, "threads": args.threads or "all", "percentile": args.percentile,
               "calibration": calib.name, "evaluation": wiki.name,
               "eval_tokens": cfg["eval_windows"] * cfg["eval_seqlen"], "perplexity": ppl_rows,
@@ -219,16 +215,21 @@ def deploy_and_time(args, cfg, work, folders, dense, act, step):
     return deploy, speed
 
 
-def speed_only(args, cfg, work, folders, dense, act, t_start):
-    """Timing alone, e.g. with another --threads: int8-speed-threads<N>.{json,md}."""
-    def step(msg):
-        print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+def speed_checks(speed):
+    """The issue's speed bars, for the DeepSparse rows that were timed."""
+    checks = {}
+    for label in ("int8-50", "int8-70"):
+        bar = BARS[f"deepsparse_{label}"]
+        row = next((r for r in speed["rows"] if (r["runtime"], r["model"]) == ("deepsparse", label)), None)
+        if row and row.get("speedup_vs_baseline"):
+            checks[f"DeepSparse {label} >= {bar}x dense fp32"] = row["speedup_vs_baseline"] >= bar
+    return checks
 
+
+def speed_only(args, cfg, work, folders, dense, act, step):
+    """Timing alone, e.g. with another --threads: int8-speed-threads<N>.{json,md}."""
     _, speed = deploy_and_time(args, cfg, work, folders, dense, act, step)
-    by = {(r["runtime"], r["model"]): r for r in speed["rows"]}
-    checks = {f"DeepSparse {label} >= {BARS['deepsparse_' + label]}x dense fp32":
-              by[("deepsparse", label)]["speedup_vs_baseline"] >= BARS["deepsparse_" + label]
-              for label in ("int8-50", "int8-70") if ("deepsparse", label) in by}
+    checks = speed_checks(speed)
     stem = f"int8-speed-threads{args.threads or 'all'}"
     res_dir = ROOT / "benchmarks" / "results"
     jobs.dump({"threads": args.threads or "all", "speed": {**speed, "rows": [
@@ -250,17 +251,13 @@ def speed_only(args, cfg, work, folders, dense, act, t_start):
 def profile(deploy_dir, threads):
     """DeepSparse's layer breakdown of one 1 x 400 forward pass (text from its debug analysis)."""
     import numpy as np
-    from deepsparse.debug_analysis import construct_layer_statistics
-    from deepsparse.engine import DebugAnalysisEngine
 
-    from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy
+    from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy, layer_profile
 
+    ids = bench.random_inputs(49152, 1, 400)[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = fixed_shape_copy(Path(deploy_dir) / "model.onnx", 1, 400, tmp)
-        engine = DebugAnalysisEngine(str(path), batch_size=1, num_cores=threads, num_iterations=10,
-                                     num_warmup_iterations=2)
-        ids = bench.random_inputs(49152, 1, 400)[0]
-        return construct_layer_statistics(engine.analyze([ids, np.ones_like(ids)], val_inp=False))
+        return layer_profile(path, [ids, np.ones_like(ids)], threads, iterations=10, warmup=2)
 
 
 if __name__ == "__main__":

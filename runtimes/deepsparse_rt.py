@@ -30,6 +30,18 @@ def fixed_shape_copy(src, batch, seqlen, folder):
     return dst
 
 
+def layer_profile(path, inputs, threads=None, iterations=20, warmup=3):
+    """DeepSparse's per-operator time breakdown (text, from its debug analysis) of the fixed-shape
+    graph at `path` run on `inputs` (a list of arrays in the graph's input order)."""
+    os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")
+    from deepsparse.debug_analysis import construct_layer_statistics
+    from deepsparse.engine import DebugAnalysisEngine
+
+    engine = DebugAnalysisEngine(str(path), batch_size=1, num_cores=threads, num_iterations=iterations,
+                                 num_warmup_iterations=warmup)
+    return construct_layer_statistics(engine.analyze(inputs, val_inp=False))
+
+
 class DeepSparseRuntime(Runtime):
     name = "deepsparse"
     package = "deepsparse"

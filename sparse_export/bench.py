@@ -156,11 +156,9 @@ def benchmark(folders, runtimes=None, baseline=None, batch=1, seqlen=400, warmup
             args = dict(folders={k: str(v) for k, v in group.items()}, runtime=name, batch=batch, seqlen=seqlen,
                         warmup=warmup, iterations=iterations, threads=threads, logits=logits,
                         inputs=str(Path(scratch) / "inputs.npz"), outputs=str(out_dir) if keep_outputs else None)
-            if name == "deepsparse":  # a fresh process: timings free of this one's state, crashes contained
-                got = isolate.call("sparse_export.bench:measure_runtime", args,
-                                   f"DeepSparse running {', '.join(group)}", "try --threads 1, or another --runtime")
-            else:
-                got = measure_runtime(**args)
+            # DeepSparse in a fresh process: timings free of this one's state, crashes contained
+            got = isolate.call("sparse_export.bench:measure_runtime", args, f"DeepSparse running {', '.join(group)}",
+                               "try --threads 1, or another --runtime", child=name == "deepsparse")
             for row in got:
                 if keep_outputs:
                     row["output"] = np.load(out_dir / f"{row['model']}.npy")

@@ -138,11 +138,9 @@ def benchmark(folders, runtimes=None, baseline=None, prompt_tokens=256,
     for rt in tqdm(runtimes, desc="generate benchmark", unit="runtime", disable=not progress):
         args = dict(folders={k: str(v) for k, v in folders.items()}, runtime=rt, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, warmup=warmup, iterations=iterations, threads=threads)
-        if rt == "deepsparse":  # a DeepSparse crash ends its child process, not this job
-            rows += isolate.call("sparse_export.bench_generate:measure_all", args,
-                                 f"DeepSparse generating with {', '.join(folders)}", CRASH_HINT)
-        else:
-            rows += measure_all(**args)
+        # a DeepSparse crash ends its child process, not this job
+        rows += isolate.call("sparse_export.bench_generate:measure_all", args,
+                             f"DeepSparse generating with {', '.join(folders)}", CRASH_HINT, child=rt == "deepsparse")
         gc.collect()
     add_speedups(rows, baseline)
     config = {"mode": "generate", "batch": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
@@ -221,17 +219,12 @@ def profile_decode(folder, threads=None, iterations=20):
     """DeepSparse's per-operator time breakdown of one decode step (text, from its debug analysis)."""
     import tempfile
 
-    from deepsparse.debug_analysis import construct_layer_statistics
-    from deepsparse.engine import DebugAnalysisEngine
-
     from .onnx_kv import INPUTS, step_feed
+    from .runtimes.deepsparse_rt import layer_profile
 
     session = KVSession(folder, "deepsparse", threads)
     L = session.max_length
+    feed = step_feed([[11]], L // 2, L)
     with tempfile.TemporaryDirectory() as tmp:
         path = session._fixed_shape_copy(1, Path(tmp))
-        engine = DebugAnalysisEngine(str(path), batch_size=1, num_cores=threads, num_iterations=iterations,
-                                     num_warmup_iterations=3)
-    feed = step_feed([[11]], L // 2, L)
-    result = engine.analyze([feed[k] for k in INPUTS] + session.empty_cache(1), val_inp=False)
-    return construct_layer_statistics(result)
+        return layer_profile(path, [feed[k] for k in INPUTS] + session.empty_cache(1), threads, iterations)

@@ -18,8 +18,12 @@ from pathlib import Path
 from .errors import UserError
 
 
-def call(target, kwargs, what, hint=""):
-    """target(**kwargs) in a fresh Python; kwargs and the result must be JSON. `what` names the work."""
+def call(target, kwargs, what, hint="", child=True):
+    """target(**kwargs) in a fresh Python; kwargs and the result must be JSON. `what` names the work.
+    child=False: call it here instead (engines that need no isolation)."""
+    if not child:
+        module, func = target.split(":")
+        return getattr(importlib.import_module(module), func)(**kwargs)
     with tempfile.TemporaryDirectory(prefix="sparse-export-child-") as tmp:
         args, out = Path(tmp) / "args.json", Path(tmp) / "out.json"
         args.write_text(json.dumps(kwargs, default=str))

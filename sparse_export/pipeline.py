@@ -16,6 +16,7 @@ import torch
 
 from . import bench, data, jobs, models
 from .errors import UserError
+from .generate import RUNTIMES as GEN_RUNTIMES
 from .onnx_export import ExportModule, write_deployment
 from .outputs import atomic_dir, library_versions
 from .prune import Recipe
@@ -170,7 +171,7 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
             "versions": library_versions(),
         }
         sections = _sections(report, rows)
-        gen_runtimes = [r for r in runtimes if r in ("deepsparse", "onnxruntime")]
+        gen_runtimes = [r for r in runtimes if r in GEN_RUNTIMES]
         if gen_skip:
             log(f"generation benchmark skipped: {gen_skip}")
             report["generate"] = {"skipped": gen_skip}
@@ -201,8 +202,8 @@ def _generation_skip(model, generate, runtimes, prompt_tokens, new_tokens):
         return "--no-generate"
     if min(prompt_tokens, new_tokens - 1) < 1:
         raise UserError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
-    if not any(r in ("deepsparse", "onnxruntime") for r in runtimes):
-        return "it runs on deepsparse or onnxruntime, and neither is among the runtimes"
+    if not set(runtimes) & set(GEN_RUNTIMES):
+        return f"it runs on {' or '.join(GEN_RUNTIMES)}, and neither is among the runtimes"
     arch = models.model_type(model)
     if arch not in SUPPORTED:
         return f"the KV-cache export does not support architecture '{arch}' (supported: {', '.join(SUPPORTED)})"
