@@ -32,7 +32,7 @@ from sparse_export.onnx_export import export_onnx  # noqa: E402
 from sparse_export.onnx_int8 import OUTLIER_RATIO, export_int8, prepare_int8  # noqa: E402
 from sparse_export.outputs import read_meta  # noqa: E402
 from sparse_export.prune import Recipe  # noqa: E402
-from sparse_export.quant import fake_quantized_inputs, round_pruned_folder  # noqa: E402
+from sparse_export.quant import fake_int8, round_pruned_folder  # noqa: E402
 
 ALL_SPEED = ["dense-fp32", "sparse50-fp32", "int8-dense", "int8-50", "int8-70"]
 SETTINGS = {
@@ -55,6 +55,8 @@ def main():
     ap.add_argument("--percentile", type=float, default=None, help="activation range percentile (default min/max)")
     ap.add_argument("--outlier-ratio", type=float, default=OUTLIER_RATIO,
                     help="keep Linear layers with outlier inputs fp32 (0: all int8)")
+    ap.add_argument("--fp32-attention", action="store_true",
+                    help="keep the attention score matmuls fp32 in the int8 deployments (default int8)")
     ap.add_argument("--speed-only", action="store_true",
                     help="time the deployments only (no perplexity); writes int8-speed-threads<N>.{json,md}")
     ap.add_argument("--profile", action="store_true",
@@ -105,18 +107,20 @@ def main():
 
     # ---- accuracy ------------------------------------------------------------------------
     act = dict(calib=str(calib), nsamples=cfg["act_nsamples"], seqlen=cfg["act_seqlen"],
-               percentile=args.percentile, outlier_ratio=args.outlier_ratio or None)
+               percentile=args.percentile, outlier_ratio=args.outlier_ratio or None,
+               attention=not args.fp32_attention)
     ppl, fp32_layers = {}, {}
 
-    def perplexity(label, folder, outliers=False):
-        """outliers=False: weights only. None: W8A8 everywhere. A ratio: outlier layers fp32."""
+    def perplexity(label, folder, outliers=False, attention=True):
+        """outliers=False: weights only. None: W8A8 everywhere. A ratio: outlier layers fp32.
+        attention: with W8A8, also the attention score matmuls int8 (as the export does by default)."""
         model, tok = models.load_model(folder)
-        qp = {}
+        qp, attn = {}, {}
         if outliers is not False:   # the INT8 ONNX's arithmetic, in torch
             windows = data.calibration_windows(act["calib"], tok, act["nsamples"], act["seqlen"], 0)
-            _, qp, _, fp32_layers[label] = prepare_int8(model, read_meta(folder), windows, act["percentile"],
-                                                        outliers)
-        with fake_quantized_inputs(model, qp):
+            _, qp, attn, _, fp32_layers[label] = prepare_int8(model, read_meta(folder), windows, act["percentile"],
+                                                              outliers, attention=attention and act["attention"])
+        with fake_int8(model, qp, attn):
             res = jobs.evaluate(folder, wiki, cfg["eval_seqlen"], cfg["eval_windows"], model=model, tokenizer=tok)
         ppl[label] = res["perplexity"]
         step(f"perplexity {label}: {res['perplexity']:.3f}")
@@ -133,6 +137,8 @@ def main():
     if ratio:
         perplexity("dense int8 RTN W8A8", dense, ratio)
         perplexity("joint SparseGPT+int8 50% W8A8", folders["joint50-w8"], ratio)
+        perplexity("joint SparseGPT+int8 50% W8A8, attention scores fp32", folders["joint50-w8"], ratio,
+                   attention=False)
         perplexity("SparseGPT 50% then round W8A8", folders["round50-w8"], ratio)
 
     deploy, speed = deploy_and_time(args, cfg, work, folders, dense, act, step)
@@ -171,7 +177,9 @@ def main():
                                        ("fp32 Linear layers", "fp32 Linear")]),
           "",
           "(weights): torch with the saved weights, activations fp32. W8A8: Linear inputs also quantized "
-          "as in the INT8 ONNX (static per-tensor uint8); without 'all layers', the Linear layers whose "
+          "as in the INT8 ONNX (static per-tensor uint8), and (unless the row says 'attention scores fp32'"
+          f"{' or --fp32-attention was given' if args.fp32_attention else ''}) the query and key of each attention "
+          "score matmul (uint8 / int8, static per tensor); without 'all layers', the Linear layers whose "
           f"inputs reach more than {ratio} times past their 99.99th percentile stay fp32, as the export does.",
           "",
           "## Speed: last-token logits, 1 x 400 tokens",

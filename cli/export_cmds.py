@@ -29,12 +29,15 @@ def export_onnx_cmd(
     outlier_ratio: Optional[float] = typer.Option(None, help="With --int8: keep a Linear layer fp32 when its input "
                                                              "reaches this many times past its 99.99th percentile "
                                                              "(default 10; 0 quantizes all)."),
+    fp32_attention: bool = typer.Option(False, "--fp32-attention", help="With --int8: keep the attention score "
+                                                                        "matmuls (query x key) fp32."),
 ):
     """Export MODEL to ONNX for DeepSparse / ONNX Runtime, with its sparsity counted in the file."""
     from sparse_export.errors import UserError
 
     int8_opts = {"--calib": calib, "--nsamples": nsamples, "--calib-seqlen": calib_seqlen,
-                 "--percentile": percentile, "--outlier-ratio": outlier_ratio}
+                 "--percentile": percentile, "--outlier-ratio": outlier_ratio,
+                 "--fp32-attention": fp32_attention or None}
     if int8 and kv_cache:
         raise UserError("--int8 and --kv-cache cannot be combined (the KV-cache graph is fp32 only)")
     if not int8 and any(v is not None for v in int8_opts.values()):
@@ -45,7 +48,7 @@ def export_onnx_cmd(
         return export_int8(model, out, calib=calib or "c4", nsamples=nsamples or ACT_NSAMPLES,
                            seqlen=calib_seqlen or ACT_SEQLEN, percentile=percentile,
                            outlier_ratio=OUTLIER_RATIO if outlier_ratio is None else outlier_ratio,
-                           logits=logits, trace_seqlen=seqlen, force=force)
+                           attention=not fp32_attention, logits=logits, trace_seqlen=seqlen, force=force)
     if kv_cache:
         from sparse_export.onnx_kv import export_kv_onnx
 

@@ -28,6 +28,8 @@ def prune_and_export_cmd(
     threads: Optional[int] = typer.Option(None, help="Threads (default: all cores)."),
     force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
     int8: bool = typer.Option(False, "--int8", help="cpu: also prune onto the int8 grid and export onnx-int8/."),
+    fp32_attention: bool = typer.Option(False, "--fp32-attention",
+                                        help="With --int8: keep the attention score matmuls fp32."),
     generate: bool = typer.Option(True, "--generate/--no-generate",
                                   help="cpu: also export KV-cache graphs and benchmark generation."),
     prompt_tokens: int = typer.Option(256, help="cpu, generation benchmark: prompt length."),
@@ -40,6 +42,8 @@ def prune_and_export_cmd(
     common = dict(pattern=pattern, calib=calib, nsamples=nsamples, seqlen=seqlen, eval_data=eval_data,
                   eval_seqlen=eval_seqlen, max_segments=max_segments, bench_batch=bench_batch,
                   bench_seqlen=bench_seqlen, threads=threads, force=force, int8=int8)
+    if fp32_attention:
+        common["fp32_attention"] = True
     if target == "cpu":
         common.update(sparsity=sparsity, runtimes=list(runtime) or None, iterations=iterations,
                       generate=generate, prompt_tokens=prompt_tokens, new_tokens=new_tokens)

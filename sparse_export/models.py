@@ -21,6 +21,9 @@ DECODER_LAYERS = {
     "gpt_neox": "gpt_neox.layers",
     "bloom": "transformer.h",
 }
+# Architectures whose attention runs through transformers' attention interface as
+# softmax(query @ key^T * scaling + mask) @ value: the INT8 export can quantize its score matmul.
+STANDARD_ATTENTION = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "opt": "self_attn"}
 DEMO_MODEL = "smollm2"
 
 
@@ -128,6 +131,15 @@ def decoder_layers(model):
     for part in DECODER_LAYERS[mt].split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def attention_names(model):
+    """Names of the attention modules of an architecture in STANDARD_ATTENTION, else []."""
+    attr = STANDARD_ATTENTION.get(model_type(model))
+    if attr is None:
+        return []
+    prefix = DECODER_LAYERS[model_type(model)]
+    return [f"{prefix}.{i}.{attr}" for i in range(len(decoder_layers(model)))]
 
 
 def prunable(module):

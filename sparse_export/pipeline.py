@@ -42,7 +42,7 @@ PLOT = "latency.png"
 def prune_and_export(model, out, target="cpu", **options):
     """Run the target's pipeline. Options the chosen target does not take are an error."""
     if target == "gpu":
-        if options.pop("int8", False):
+        if options.pop("int8", False) or options.pop("fp32_attention", False):
             raise UserError("--int8 is for the cpu target (int8 matmuls in DeepSparse / ONNX Runtime); "
                             "the gpu target writes 2:4 fp16 checkpoints")
         from .gpu_target import run_gpu_target  # only the GPU target needs its dependencies
@@ -87,14 +87,18 @@ def _text_inputs(source, tokenizer, batch, seqlen, vocab):
 def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=128, seqlen=2048, seed=0,
                    eval_data=None, eval_seqlen=2048, max_segments=None, bench_batch=1, bench_seqlen=400,
                    warmup=3, iterations=20, runtimes=None, logits="last", ignore=(), force=False,
-                   threads=None, int8=False, generate=True, prompt_tokens=256, new_tokens=128, log=print):
+                   threads=None, int8=False, fp32_attention=False, generate=True, prompt_tokens=256, new_tokens=128,
+                   log=print):
     """Prune with SparseGPT, export dense and sparse ONNX, verify, benchmark, report. Returns report.json's dict.
 
-    int8: prune jointly onto the int8 weight grid (wbits=8) and also export onnx-int8/.
+    int8: prune jointly onto the int8 weight grid (wbits=8) and also export onnx-int8/ (attention score
+    matmuls int8 too unless fp32_attention).
     generate: also export KV-cache graphs (dense-kv/, sparse-kv/) and benchmark generation.
     """
     from .runtimes import get_runtime, installed
 
+    if fp32_attention and not int8:
+        raise UserError("--fp32-attention applies to --int8 only")
     recipe = Recipe(method="sparsegpt", sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
                     seqlen=seqlen, seed=seed, ignore=list(ignore), wbits=8 if int8 else None).validate()
     data.check_source(calib, allow_self=True)
@@ -141,7 +145,7 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
         if int8:
             exports["int8"] = _deploy_int8(sparse, tok, pruned_dir, folders["int8"], calib, nsamples, seqlen,
                                            seed, eval_data, eval_seqlen, max_segments, logits, inputs,
-                                           ppl, reference, step_log)
+                                           ppl, reference, not fp32_attention, step_log)
         del sparse
         gc.collect()
 
@@ -162,8 +166,7 @@ def run_cpu_target(model, out, sparsity=0.5, pattern=None, calib="c4", nsamples=
             "prune": {k: prune_meta.get(k) for k in ("pruned_sparsity", "calibration_mode", "timing")},
             "export": {k: {**{f: e[f] for f in ("prunable_sparsity", "prunable_matrices", "all_weights_sparsity",
                                                   "weight_initializers", "external_data", "export_s")},
-                           **({"quant": {x: y for x, y in e["int8"].items() if x != "activations"}}
-                              if "int8" in e else {})}
+                           **({"quant": _quant_summary(e["int8"])} if "int8" in e else {})}
                        for k, e in exports.items()},
             "verify": {"inputs": inputs_note, "agreement": agree, "perplexity": ppl},
             "benchmark": {**result, "rows": rows},
@@ -210,28 +213,35 @@ def _generation_skip(model, generate, runtimes, prompt_tokens, new_tokens):
     return None
 
 
+def _quant_summary(meta_int8):
+    """The int8 metadata without its per-tensor activation and attention qparams."""
+    out = {x: y for x, y in meta_int8.items() if x != "activations"}
+    out["attention"] = {x: y for x, y in meta_int8["attention"].items() if x != "qparams"}
+    return out
+
+
 def _deploy_int8(model, tok, pruned_dir, folder, calib, nsamples, seqlen, seed, eval_data, eval_seqlen,
-                 max_segments, logits, inputs, ppl, reference, log):
+                 max_segments, logits, inputs, ppl, reference, attention, log):
     """onnx-int8/ from the jointly pruned model; its reference and perplexity come from the torch
     model with the same integer weights and its Linear inputs fake-quantized like the graph's."""
     from .onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, prepare_int8, write_int8_deployment
     from .outputs import read_meta
-    from .quant import fake_quantized_inputs
+    from .quant import fake_int8
 
     n, L = min(nsamples, ACT_NSAMPLES), min(seqlen, ACT_SEQLEN)
     log(f"int8: activation ranges from {n} x {L} calibration tokens")
     windows = data.calibration_windows(calib, tok, n, L, seed, model=model)
-    scales, qparams, how, fp32 = prepare_int8(model, read_meta(pruned_dir), windows)
+    scales, qparams, attn, how, fp32 = prepare_int8(model, read_meta(pruned_dir), windows, attention=attention)
     if fp32:
         log(f"int8: {len(fp32)} Linear layer(s) with outlier inputs stay fp32")
-    with fake_quantized_inputs(model, qparams):
+    with fake_int8(model, qparams, attn):
         if eval_data is not None:
             log(f"perplexity of the int8 model on {eval_data}")
             ppl["int8"] = jobs.evaluate(pruned_dir, eval_data, eval_seqlen, max_segments, model=model, tokenizer=tok)
         reference["int8"] = reference_output(model, logits, *inputs)
     extra = {"weight_source": how, "outlier_ratio": OUTLIER_RATIO,
              "calibration": {"source": str(calib), "nsamples": n, "seqlen": L, "seed": seed, "range": "min/max"}}
-    return write_int8_deployment(model, tok, folder, scales, qparams, logits, source=pruned_dir, extra=extra,
+    return write_int8_deployment(model, tok, folder, scales, qparams, attn, logits, source=pruned_dir, extra=extra,
                                  log=log)
 
 
@@ -253,10 +263,12 @@ def _sections(r, rows):
             f"weight before propagating its error), so `onnx-sparse/` and `onnx-int8/` hold the same weights. "
             f"{e['int8']['quant']['matmul_integer']} of {e['int8']['prunable_matrices']} Linear layers run as "
             f"QuantizeLinear -> MatMulInteger -> Cast -> Mul (activations uint8, static per-tensor ranges "
-            f"from calibration); {len(e['int8']['quant']['fp32_linear'])} whose inputs carry massive outliers, "
-            f"attention, norms, embeddings and the LM head stay fp32. Sparsity counted in the file: "
+            f"from calibration); {len(e['int8']['quant']['fp32_linear'])} whose inputs carry massive outliers "
+            f"stay fp32. Attention score matmuls (query x key): "
+            f"{e['int8']['quant']['attention']['score_matmul']}; softmax, probabilities x values, norms, "
+            f"embeddings and the LM head stay fp32. Sparsity counted in the file: "
             f"{e['int8']['prunable_sparsity']:.2%}. Its torch reference and perplexity use the same integer "
-            f"weights with the Linear inputs fake-quantized. Engines and torch round a few activations "
+            f"weights with the same activations fake-quantized. Engines and torch round a few activations "
             f"differently and those differences spread, so the int8 tolerance is {INT8_NOISE_FACTOR:g}x the "
             f"largest change quantizing the activations makes to the torch logits.")
     agree = table(v["agreement"], [("model", "model"), ("runtime", "runtime"),

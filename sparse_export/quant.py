@@ -4,9 +4,11 @@ activation ranges with the fake-quantized model that the INT8 ONNX reproduces.
 
 Weights: symmetric, zero point 0, int8 values w / scale in [-128, 127], scale per output channel or
 per matrix. Activations: uint8, asymmetric (scale, zero point), one pair per tensor, from calibration.
+Attention scores (query x key): query uint8 like a Linear input, key int8 symmetric, per tensor.
 """
 
 import contextlib
+import sys
 
 import torch
 
@@ -130,6 +132,87 @@ def fake_quantized_inputs(model, qparams):
     finally:
         for h in handles:
             h.remove()
+
+
+def fake_quant_symmetric(x, scale):
+    """What an int8 QuantizeLinear with zero point 0 then a dequantize does to x."""
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+
+# ---- attention scores ------------------------------------------------------------------------
+# The model's own eager attention, with the query and key seen by the score matmul passed through
+# a hook first: to measure their ranges, or to quantize them as the INT8 graph does.
+
+ATTENTION_FN = "sparse_export_int8"
+_HOOKS = {}          # attention module -> fn(query, key) -> (query, key)
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    hook = _HOOKS.get(module)
+    if hook is not None:
+        query, key = hook(query, key)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+@contextlib.contextmanager
+def _attention_hooks(model, hooks):
+    """Run the attention modules in `hooks` {name: fn} through their hook while the block runs."""
+    if not hooks:
+        yield model
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION_FN, _attention)
+    AttentionMaskInterface.register(ATTENTION_FN, eager_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_FN)
+    _HOOKS.update({model.get_submodule(n): fn for n, fn in hooks.items()})
+    try:
+        yield model
+    finally:
+        for n in hooks:
+            _HOOKS.pop(model.get_submodule(n), None)
+        model.set_attn_implementation(before)
+
+
+@torch.no_grad()
+def attention_ranges(model, windows, batch=4):
+    """{attention module: {"query": [min, max], "key": max |key|}} over calibration windows."""
+    stats = {n: {"query": [float("inf"), float("-inf")], "key": 0.0} for n in models.attention_names(model)}
+
+    def hook(name):
+        def fn(query, key):
+            s = stats[name]
+            s["query"] = [min(s["query"][0], float(query.min())), max(s["query"][1], float(query.max()))]
+            s["key"] = max(s["key"], float(key.abs().max()))
+            return query, key
+        return fn
+
+    with _attention_hooks(model, {n: hook(n) for n in stats}):
+        for s in range(0, windows.shape[0], batch):
+            model(input_ids=windows[s:s + batch], use_cache=False)
+    return stats
+
+
+def attention_qparams(ranges):
+    """{module: {"query": (scale, zero point) uint8, "key": scale int8}} from attention_ranges."""
+    return {n: {"query": act_qparams(*r["query"]), "key": max(r["key"], 1e-8) / 127.0}
+            for n, r in ranges.items()}
+
+
+@contextlib.contextmanager
+def fake_int8(model, qparams, attention=None):
+    """The INT8 graph's arithmetic in torch while the block runs: the input of each Linear module in
+    qparams {name: (scale, zp)} quantized to uint8, and for each attention module in `attention`
+    (from attention_qparams) the query and key of the score matmul quantized (uint8 / int8)."""
+    def hook(p):
+        return lambda q, k: (fake_quant_input(q, *p["query"]), fake_quant_symmetric(k, p["key"]))
+
+    with fake_quantized_inputs(model, qparams), \
+            _attention_hooks(model, {n: hook(p) for n, p in (attention or {}).items()}):
+        yield model
 
 
 def round_pruned_folder(src, out, bits=8, per_channel=True, force=False, log=print):

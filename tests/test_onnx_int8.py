@@ -17,10 +17,10 @@ import torch
 
 from sparse_export import models
 from sparse_export.jobs import prune
-from sparse_export.onnx_int8 import export_int8
+from sparse_export.onnx_int8 import export_int8, read_qparams
 from sparse_export.outputs import read_meta
 from sparse_export.prune import Recipe
-from sparse_export.quant import activation_ranges, fake_quantized_inputs, outlier_ratio
+from sparse_export.quant import activation_ranges, fake_int8, outlier_ratio
 
 RTOL = 1e-3
 QUIET = dict(log=lambda *a: None)
@@ -49,16 +49,16 @@ def load_graph(deploy):
     return onnx.load(str(deploy / "model.onnx"))
 
 
-def fake_quant_logits(folder, deploy, ids):
-    """The torch model with grid weights and its Linear inputs quantized like the graph's."""
+def fake_quant_logits(folder, deploy, ids, meta=None):
+    """The torch model with grid weights and its activations quantized like the graph's."""
     model, _ = models.load_model(folder)
-    meta = read_meta(deploy)
-    qp = {n: (v["scale"], v["zero_point"]) for n, v in meta["int8"]["activations"]["qparams"].items()}
+    meta = meta or read_meta(deploy)
+    qp, attn = read_qparams(meta)
     if meta["int8"]["weight_source"] == "round-to-nearest":
         from sparse_export.quant import round_weights
 
         round_weights(model)
-    with torch.no_grad(), fake_quantized_inputs(model, qp):
+    with torch.no_grad(), fake_int8(model, qp, attn):
         return model(input_ids=torch.from_numpy(ids)).logits.numpy()
 
 
@@ -76,26 +76,42 @@ def test_graph_uses_the_fused_form(case, int8_dirs):
     ops = Counter(n.op_type for n in g.node)
     model, _ = models.load_model(folder)
     names = models.prunable_names(model)
-    assert read_meta(deploy)["int8"]["fp32_linear"] == []       # tiny random models: no outliers
-    assert ops["MatMulInteger"] == len(names)
+    attention = models.attention_names(model)
+    assert len(attention) == (0 if case == "gpt2" else 2)     # gpt2's attention is not the standard form
+    meta = read_meta(deploy)["int8"]
+    assert meta["fp32_linear"] == []                          # tiny random models: no outliers
+    assert sorted(meta["attention"]["qparams"]) == sorted(attention)
+    assert ops["MatMulInteger"] == len(names) + len(attention)
     assert ops["DequantizeLinear"] == 0 and ops["QLinearMatMul"] == 0
-    assert ops["Softmax"] >= 2                               # attention stays fp32
+    assert ops["Softmax"] >= 2                               # softmax stays fp32
     inits = {t.name: t for t in g.initializer}
     by_input = {i: n for n in g.node for i in n.input}
+    producer = {o: n for n in g.node for o in n.output}
+    scores = 0
     for node in (n for n in g.node if n.op_type == "MatMulInteger"):
-        w = numpy_helper.to_array(inits[node.input[1]])
-        assert w.dtype == np.int8
         cast = by_input[node.output[0]]
         mul = by_input[cast.output[0]]
         assert (cast.op_type, mul.op_type) == ("Cast", "Mul")
-        producer = next(n for n in g.node if node.input[0] in n.output)
-        assert producer.op_type == "QuantizeLinear"
-    # the only fp32 matrix left in a MatMul is the LM head; attention matmuls read no weights
+        assert producer[node.input[0]].op_type == "QuantizeLinear"
+        if node.input[1] in inits:                           # a Linear layer: int8 weights
+            assert numpy_helper.to_array(inits[node.input[1]]).dtype == np.int8
+            continue
+        # an attention score matmul: query and key both quantized here, the result goes on to softmax
+        key_quant = producer[node.input[1]]
+        assert key_quant.op_type == "QuantizeLinear"
+        assert numpy_helper.to_array(inits[key_quant.input[2]]).dtype == np.int8
+        after = mul
+        while after.op_type != "Softmax":
+            after = by_input[after.output[0]]
+            assert after.op_type in ("Mul", "Add", "Softmax")
+        scores += 1
+    assert scores == len(attention)
+    # the only fp32 matrix left in a MatMul is the LM head; the other attention matmul reads no weights
     fp32_weights = [n for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
     assert len(fp32_weights) == 1
-    # per-tensor weight scales give a scalar rescale
+    # per-tensor weight scales give a scalar rescale (attention's rescale is always a scalar)
     muls = [numpy_helper.to_array(inits[n.input[1]]) for n in g.node
-            if n.op_type == "Mul" and n.input[1].endswith(".rescale")]
+            if n.op_type == "Mul" and n.input[1].endswith(".rescale") and ".scores." not in n.input[1]]
     assert len(muls) == len(names)
     assert all((m.ndim == 0) == (case == "opt-per-tensor") for m in muls)
 
@@ -163,7 +179,8 @@ def test_percentile_ranges_clip_outliers(tiny_dirs):
 
 
 def test_outlier_layers_stay_fp32(int8_dirs, text_file, tmp_path):
-    """Layers past the outlier ratio keep an fp32 MatMul; the rest are int8; ORT still matches torch."""
+    """Layers past the outlier ratio keep an fp32 MatMul; the rest are int8; ORT still matches torch.
+    (Attention kept fp32 here, so every MatMulInteger is a Linear layer.)"""
     from sparse_export import data
     from sparse_export.runtimes import get_runtime
 
@@ -175,8 +192,9 @@ def test_outlier_layers_stay_fp32(int8_dirs, text_file, tmp_path):
     threshold = (ratios[len(ratios) // 2] + ratios[len(ratios) // 2 + 1]) / 2
     deploy = tmp_path / "d"
     meta = export_int8(folder, deploy, calib=str(text_file), nsamples=4, seqlen=64, logits="all",
-                       outlier_ratio=threshold, **QUIET)
+                       outlier_ratio=threshold, attention=False, **QUIET)
     fp32 = meta["int8"]["fp32_linear"]
+    assert meta["int8"]["attention"]["score_matmul"] == "fp32" and not meta["int8"]["attention"]["qparams"]
     assert 0 < len(fp32) < len(names)
     ops = Counter(n.op_type for n in load_graph(deploy).graph.node)
     assert ops["MatMulInteger"] == len(names) - len(fp32) == meta["int8"]["matmul_integer"]
@@ -207,6 +225,7 @@ def test_cli_export_int8(int8_dirs, text_file, tmp_path, capsys):
     meta = read_meta(out)
     assert meta["int8"]["matmul_integer"] == 14 and meta["int8"]["weight_source"] == "recorded"
     assert meta["int8"]["calibration"]["nsamples"] == 2 and meta["logits"] == "last"
+    assert meta["int8"]["attention"]["score_matmul"] == "int8" and len(meta["int8"]["attention"]["qparams"]) == 2
 
 
 @pytest.mark.parametrize("args,words", [
@@ -215,6 +234,7 @@ def test_cli_export_int8(int8_dirs, text_file, tmp_path, capsys):
     (["--int8", "--calib", "no/such/file.txt"], "not found"),
     (["--int8", "--percentile", "30"], "--percentile"),
     (["--outlier-ratio", "3"], "--int8 only"),
+    (["--fp32-attention"], "--int8 only"),
 ])
 def test_cli_export_int8_bad_options(args, words, int8_dirs, tmp_path, capsys):
     from sparse_export.cli.main import main
@@ -237,6 +257,34 @@ def test_cli_int8_needs_the_cpu_target(tiny_dirs, text_file, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_cli_fp32_attention_needs_int8(tiny_dirs, text_file, tmp_path, capsys):
+    from sparse_export.cli.main import main
+
+    out = tmp_path / "p"
+    rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--fp32-attention", "--out", str(out),
+               "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32"])
+    assert rc == 2
+    assert "--fp32-attention applies to --int8 only" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_graph_quantizes_the_attention_scores_like_torch(int8_dirs):
+    """The graph's int8 score matmuls compute what quant.fake_int8 does in torch: ONNX Runtime agrees
+    with the torch model whose query/key are fake-quantized far better than with the one whose are not."""
+    from sparse_export.runtimes import get_runtime
+
+    folder, deploy = int8_dirs["llama"]
+    ids, mask = inputs()
+    out = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24).run(ids, mask)
+    with_attn = fake_quant_logits(folder, deploy, ids)
+    meta = read_meta(deploy)
+    meta["int8"]["attention"]["qparams"] = {}
+    without = fake_quant_logits(folder, deploy, ids, meta=meta)
+    err = np.abs(out - with_attn).max()
+    assert err <= RTOL * np.abs(with_attn).max()
+    assert np.abs(with_attn - without).max() > 20 * err
+
+
 def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys):
     import json
 
@@ -254,7 +302,10 @@ def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys):
     assert {r["model"] for r in report["benchmark"]["rows"]} == {"dense", "sparse", "int8"}
     assert read_meta(out / "onnx-int8")["int8"]["matmul_integer"] == 14
     md = (out / "report.md").read_text()
-    assert "int8" in md and "MatMulInteger" in md
+    assert "int8" in md and "MatMulInteger" in md and "Attention score matmuls (query x key): int8" in md
+    assert report["export"]["int8"]["quant"]["attention"] == {
+        "score_matmul": "int8", "query": "uint8 per-tensor", "key": "int8 symmetric per-tensor",
+        "probabilities_x_values": "fp32"}
     side = md.split("## Side by side")[1].split("##")[0]  # perplexity and speed of the three models together
     assert [line.split("|")[1].strip() for line in side.strip().splitlines()[2:5]] == ["dense", "sparse", "int8"]
     assert f"| {report['verify']['perplexity']['int8']['perplexity']:.2f} |" in side
