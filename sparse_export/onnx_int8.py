@@ -31,8 +31,8 @@ from .errors import UserError
 from .onnx_export import (ONNX_FILE, _digest, _load_onnx, match_modules, save_onnx, sparsity_summary,
                           weight_sparsity, write_deployment)
 from .outputs import META_FILE, atomic_dir, read_meta, write_json
-from .quant import (act_qparams, activation_ranges, attention_qparams, attention_ranges, grid_info,
-                    int_weight, recorded_scales, round_weights)
+from .quant import (act_qparams, activation_ranges, attention_qparams, grid_info, int_weight,
+                    recorded_scales, recording_attention, round_weights)
 from .quant import outlier_ratio as quant_outlier_ratio
 
 ACT_NSAMPLES, ACT_SEQLEN = 32, 512   # calibration for activation ranges (one forward pass)
@@ -224,12 +224,12 @@ def prepare_int8(model, meta, windows, percentile=None, outlier_ratio=OUTLIER_RA
     rest = [n for n in names if n not in scales]
     scales.update(round_weights(model, 8, True, rest))
     source = "recorded" if not rest else ("round-to-nearest" if len(rest) == len(names) else "mixed")
-    ranges = activation_ranges(model, windows, names, batch=batch, percentile=percentile or 99.99)
+    with recording_attention(model, attention) as attn_ranges:    # one calibration pass for both
+        ranges = activation_ranges(model, windows, names, batch=batch, percentile=percentile or 99.99)
     fp32 = [n for n in names if outlier_ratio and quant_outlier_ratio(ranges[n]) > outlier_ratio]
     lohi = ("lo", "hi") if percentile else ("min", "max")
     qparams = {n: act_qparams(ranges[n][lohi[0]], ranges[n][lohi[1]]) for n in names if n not in fp32}
-    attn = attention_qparams(attention_ranges(model, windows, batch)) if attention else {}
-    return {n: scales[n] for n in qparams}, qparams, attn, source, fp32
+    return {n: scales[n] for n in qparams}, qparams, attention_qparams(attn_ranges), source, fp32
 
 
 def read_qparams(meta):

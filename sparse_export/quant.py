@@ -177,10 +177,12 @@ def _attention_hooks(model, hooks):
         model.set_attn_implementation(before)
 
 
-@torch.no_grad()
-def attention_ranges(model, windows, batch=4):
-    """{attention module: {"query": [min, max], "key": max |key|}} over calibration windows."""
-    stats = {n: {"query": [float("inf"), float("-inf")], "key": 0.0} for n in models.attention_names(model)}
+@contextlib.contextmanager
+def recording_attention(model, enabled=True):
+    """Yields {attention module: {"query": [min, max], "key": max |key|}}, filled by the forward passes
+    run inside the block (e.g. activation_ranges' calibration pass); {} when not enabled."""
+    stats = {n: {"query": [float("inf"), float("-inf")], "key": 0.0}
+             for n in (models.attention_names(model) if enabled else [])}
 
     def hook(name):
         def fn(query, key):
@@ -191,13 +193,11 @@ def attention_ranges(model, windows, batch=4):
         return fn
 
     with _attention_hooks(model, {n: hook(n) for n in stats}):
-        for s in range(0, windows.shape[0], batch):
-            model(input_ids=windows[s:s + batch], use_cache=False)
-    return stats
+        yield stats
 
 
 def attention_qparams(ranges):
-    """{module: {"query": (scale, zero point) uint8, "key": scale int8}} from attention_ranges."""
+    """{module: {"query": (scale, zero point) uint8, "key": scale int8}} from recording_attention."""
     return {n: {"query": act_qparams(*r["query"]), "key": max(r["key"], 1e-8) / 127.0}
             for n, r in ranges.items()}
 
