@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -141,3 +142,10 @@ def shared_asset(*parts):
     root = Path(os.environ.get("SPARSE_EXPORT_ASSETS", SHARED_ASSETS))
     p = root.joinpath(*parts)
     return p if p.exists() else None
+
+
+def random_tokens(vocab_size: int, batch: int, seqlen: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids drawn uniformly (seeded; latency does not depend on which tokens), attention mask of ones:
+    int64 [batch, seqlen] each."""
+    ids = np.random.default_rng(seed).integers(0, vocab_size, (batch, seqlen), dtype=np.int64)
+    return ids, np.ones_like(ids)

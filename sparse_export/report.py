@@ -1,16 +1,29 @@
-"""report.md + report.json in an output folder, shared by every prune-and-export target."""
+"""report.md + report.json in an output folder (shared by every prune-and-export target), and markdown tables."""
 
 import time
 from pathlib import Path
 
-from .jobs import format_table as table  # noqa: F401  (markdown tables: table(rows, [(header, key)]))
 from .outputs import write_json
 
 REPORT_MD = "report.md"
 REPORT_JSON = "report.json"
 
 
-def write_report(folder, title, sections, data, plot=None):
+def table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """A plain markdown table from dicts; columns are (header, key)."""
+    head = "| " + " | ".join(c for c, _ in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    lines = [head, sep]
+    for r in rows:
+        cells = []
+        for _, key in columns:
+            v = r.get(key, "")
+            cells.append(f"{v:.4g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(folder, title: str, sections: list[tuple[str, str]], data: dict, plot: str | None = None) -> Path:
     """Write report.md and report.json into `folder`.
 
     sections: [(heading, markdown body)], in order.
@@ -28,6 +41,6 @@ def write_report(folder, title, sections, data, plot=None):
     return folder / REPORT_MD
 
 
-def fmt(x, spec=".3g", none="n/a"):
+def fmt(x, spec: str = ".3g", none: str = "n/a") -> str:
     """A number for a report cell; `none` for missing values."""
     return none if x is None else format(x, spec)

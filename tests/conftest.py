@@ -1,18 +1,15 @@
 """Shared fixtures: tiny random models of each supported architecture, and a tiny tokenizer."""
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tiny import ARCHS, TEXT, tiny_model, tiny_tokenizer, save_tiny  # noqa: E402
+from tests.tiny import ARCHS, TEXT, tiny_model, tiny_tokenizer, save_tiny  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,59 @@
+"""`export onnx`."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import options as o
+from .app import export_app
+
+
+@export_app.command("onnx")
+def export_onnx_cmd(
+    model: str = typer.Argument(..., help="Model folder (e.g. from `prune`), hub id, .gguf file or 'smollm2'."),
+    out: Path = typer.Option(..., "--out", help="Deployment folder to write."),
+    logits: str = typer.Option("last", help="last: last position only (what a prefill needs) | "
+                                            "all: every position | none: no LM head (decoder stack)."),
+    seqlen: int = typer.Option(16, help="Tokens in the example input used for tracing; the axes stay dynamic."),
+    force: o.Force = False,
+    kv_cache: bool = typer.Option(False, "--kv-cache", help="Export the KV-cache graph `generate` runs."),
+    max_length: int = typer.Option(2048, help="With --kv-cache: the static cache length (prompt + new tokens)."),
+    int8: bool = typer.Option(False, "--int8", help="Linear layers as int8 matmuls (weights from a --wbits 8 "
+                                                    "model are exact; activations quantized statically)."),
+    calib: Optional[str] = typer.Option(None, help="With --int8: text for activation ranges "
+                                                   "(wikitext2 | c4 | file.txt | file.jsonl | self; default c4)."),
+    nsamples: Optional[int] = typer.Option(None, help="With --int8: calibration windows (default 32)."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="With --int8: tokens per calibration window (default 512)."),
+    percentile: Optional[float] = typer.Option(None, help="With --int8: clip activation ranges to this percentile "
+                                                          "(default: min/max)."),
+    outlier_ratio: Optional[float] = typer.Option(None, help="With --int8: keep a Linear layer fp32 when its input "
+                                                             "reaches this many times past its 99.99th percentile "
+                                                             "(default 10; 0 quantizes all)."),
+    fp32_attention: bool = typer.Option(False, "--fp32-attention", help="With --int8: keep the attention score "
+                                                                        "matmuls (query x key) fp32."),
+):
+    """Export MODEL to ONNX for DeepSparse / ONNX Runtime, with its sparsity counted in the file."""
+    from ..errors import UserError
+
+    int8_opts = {"--calib": calib, "--nsamples": nsamples, "--calib-seqlen": calib_seqlen,
+                 "--percentile": percentile, "--outlier-ratio": outlier_ratio,
+                 "--fp32-attention": fp32_attention or None}
+    if int8 and kv_cache:
+        raise UserError("--int8 and --kv-cache cannot be combined (the KV-cache graph is fp32 only)")
+    if not int8 and any(v is not None for v in int8_opts.values()):
+        raise UserError(f"{next(k for k, v in int8_opts.items() if v is not None)} applies to --int8 only")
+    if int8:
+        from ..export.onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, export_int8
+
+        return export_int8(model, out, calib=calib or "c4", nsamples=nsamples or ACT_NSAMPLES,
+                           seqlen=calib_seqlen or ACT_SEQLEN, percentile=percentile,
+                           outlier_ratio=OUTLIER_RATIO if outlier_ratio is None else outlier_ratio,
+                           attention=not fp32_attention, logits=logits, trace_seqlen=seqlen, force=force)
+    if kv_cache:
+        from ..export.onnx_kv import export_kv_onnx
+
+        return export_kv_onnx(model, out, max_length=max_length, force=force)
+    from ..export.onnx_plain import export_onnx
+
+    export_onnx(model, out, logits=logits, seqlen=seqlen, force=force)

@@ -1,0 +1,51 @@
+"""Typer options shared by several commands, declared once.
+
+Recipe options default to None ("not set"): the command passes only what the user set, and the
+defaults live in one place (pruning.recipe.Recipe, targets.options); help texts show them.
+"""
+
+from typing import Annotated, List, Optional
+
+import typer
+
+from ..pruning.pruners import PRUNERS
+from ..pruning.recipe import Recipe
+
+_R = Recipe()
+
+
+def _opt(help: str, *decls: str):
+    return typer.Option(*decls, help=help, show_default=False)
+
+
+def _default(value) -> str:
+    return f" [default: {value}]"
+
+
+# ---- the recipe: `prune` and `prune-and-export`
+Method = Annotated[Optional[str], _opt(" | ".join(PRUNERS) + _default(_R.method))]
+Sparsity = Annotated[Optional[float], _opt("Fraction of weights pruned (unstructured)" + _default(_R.sparsity))]
+Pattern = Annotated[Optional[str], _opt("n:m semi-structured pattern, e.g. 2:4 (overrides --sparsity).")]
+Calib = Annotated[Optional[str], _opt("wikitext2 | c4 | file.txt | file.jsonl | self" + _default(_R.calib))]
+NSamples = Annotated[Optional[int], _opt("Calibration windows" + _default(_R.nsamples))]
+SeqLen = Annotated[Optional[int], _opt("Tokens per calibration window" + _default(_R.seqlen))]
+Seed = Annotated[Optional[int], _opt("Seed of the calibration sample" + _default(_R.seed))]
+Blocksize = Annotated[Optional[int], _opt("Columns per lazy-update block" + _default(_R.blocksize))]
+Dampening = Annotated[Optional[float], _opt("Hessian dampening, fraction of its mean diagonal"
+                                            + _default(_R.dampening))]
+Ignore = Annotated[Optional[List[str]], _opt("Regex of module names to leave dense (repeatable).")]
+WBits = Annotated[Optional[int], _opt("Also quantize kept weights to this many bits, in the same sweep.")]
+PerChannel = Annotated[Optional[bool], _opt("Quantization scale granularity [default: per-channel].",
+                                            "--per-channel/--per-tensor")]
+
+# ---- common to several commands
+Threads = Annotated[Optional[int], _opt("Threads (default: all cores).")]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]
+
+
+def recipe_given(**values) -> dict:
+    """The recipe options the user set (None: not set)."""
+    out = {k: v for k, v in values.items() if v is not None}
+    if "ignore" in out:
+        out["ignore"] = list(out["ignore"])
+    return out

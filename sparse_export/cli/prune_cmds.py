@@ -1,0 +1,63 @@
+"""`prune` and `eval`."""
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from . import options as o
+from .app import app
+
+
+@app.command("prune")
+def prune_cmd(
+    model: str = typer.Argument(..., help="Hub id, local model folder, .gguf file, or 'smollm2' (the bundled demo)."),
+    out: Path = typer.Option(..., "--out", help="Output folder (a save_pretrained folder)."),
+    method: o.Method = None,
+    sparsity: o.Sparsity = None,
+    pattern: o.Pattern = None,
+    calib: o.Calib = None,
+    nsamples: o.NSamples = None,
+    seqlen: o.SeqLen = None,
+    seed: o.Seed = None,
+    blocksize: o.Blocksize = None,
+    dampening: o.Dampening = None,
+    ignore: o.Ignore = None,
+    wbits: o.WBits = None,
+    per_channel: o.PerChannel = None,
+    threads: o.Threads = None,
+    force: o.Force = False,
+):
+    """Prune MODEL one-shot and save it as a Hugging Face folder."""
+    from ..pruning.jobs import prune
+    from ..pruning.recipe import Recipe
+
+    recipe = Recipe(**o.recipe_given(method=method, sparsity=sparsity, pattern=pattern, calib=calib,
+                                     nsamples=nsamples, seqlen=seqlen, seed=seed, blocksize=blocksize,
+                                     dampening=dampening, ignore=ignore, wbits=wbits, per_channel=per_channel))
+    prune(model, out, recipe, force=force, threads=threads)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Hub id, model folder, .gguf file, or 'smollm2'."),
+    data: str = typer.Option("wikitext2", help="wikitext2 | c4 | file.txt | file.jsonl"),
+    seqlen: int = typer.Option(2048),
+    max_segments: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
+    threads: o.Threads = None,
+):
+    """Perplexity of MODEL on DATA (non-overlapping windows of --seqlen tokens)."""
+    import torch
+
+    from ..evaluate import evaluate
+    from ..outputs import write_json
+    from ..report import table
+
+    if threads:
+        torch.set_num_threads(threads)
+    res = evaluate(model, data, seqlen, max_segments)
+    typer.echo(table([res], [("model", "model"), ("data", "data"), ("windows", "windows"),
+                             ("tokens", "tokens"), ("perplexity", "perplexity")]))
+    if json_out:
+        write_json(json_out, res)

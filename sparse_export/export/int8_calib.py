@@ -1,0 +1,167 @@
+"""Activations of the INT8 graph in torch: static per-tensor ranges from calibration text, and the
+fake-quantized model the INT8 ONNX reproduces (the reference its outputs are checked against).
+
+Linear inputs: uint8, asymmetric (scale, zero point), one pair per tensor. Attention scores
+(query x key): query uint8 like a Linear input, key int8 symmetric, per tensor. The weight grid is
+pruning/grid.py.
+"""
+
+import contextlib
+import sys
+
+import torch
+
+from .. import models
+
+
+# ---- activations ----------------------------------------------------------------------------
+
+def act_qparams(lo, hi):
+    """uint8 (scale, zero point) covering [lo, hi] (widened to include 0)."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    scale = max(hi - lo, 1e-8) / 255.0
+    zp = int(min(255, max(0, round(-lo / scale))))
+    return scale, zp
+
+
+@torch.no_grad()
+def activation_ranges(model, windows, names, batch=4, percentile=99.99):
+    """Static ranges of the input of each module in `names`, over calibration windows.
+
+    Returns {name: {"min", "max", "lo", "hi"}}: min / max over all tokens, and lo / hi the mean
+    over batches of the (100 - p)th and p-th percentiles (a range that clips rare outliers).
+    """
+    stats, last = {n: [] for n in names}, [None, None]    # last input tensor and its numbers
+
+    def measure(x):
+        x = x.detach().float().flatten()
+        k = max(1, int(round(x.numel() * (1 - percentile / 100))))
+        return [float(x.min()), float(x.max()), float(x.topk(k, largest=False).values.max()),
+                float(x.topk(k).values.min())]
+
+    def hook(name):
+        def fn(module, args):
+            if args[0] is not last[0]:                      # q/k/v (gate/up) get the same tensor
+                last[:] = [args[0], measure(args[0])]
+            stats[name].append(last[1])
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for s in range(0, windows.shape[0], batch):
+            model(input_ids=windows[s:s + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    out = {}
+    for n, v in stats.items():
+        t = torch.tensor(v)
+        out[n] = {"min": float(t[:, 0].min()), "max": float(t[:, 1].max()),
+                  "lo": float(t[:, 2].mean()), "hi": float(t[:, 3].mean())}
+    return out
+
+
+def outlier_ratio(r):
+    """How far the extreme inputs reach beyond the percentile range: max |x| / percentile |x|."""
+    return max(-r["min"], r["max"]) / max(-r["lo"], r["hi"], 1e-12)
+
+
+def fake_quant_input(x, scale, zp):
+    """What QuantizeLinear then a dequantize does to x (uint8, round half to even)."""
+    q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
+    return (q - zp) * scale
+
+
+@contextlib.contextmanager
+def fake_quantized_inputs(model, qparams):
+    """Quantize the input of each module in qparams {name: (scale, zp)} while the block runs."""
+    def hook(scale, zp):
+        return lambda module, args: (fake_quant_input(args[0], scale, zp),) + tuple(args[1:])
+
+    handles = [model.get_submodule(n).register_forward_pre_hook(hook(*p)) for n, p in qparams.items()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def fake_quant_symmetric(x, scale):
+    """What an int8 QuantizeLinear with zero point 0 then a dequantize does to x."""
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+
+# ---- attention scores ------------------------------------------------------------------------
+# The model's own eager attention, with the query and key seen by the score matmul passed through
+# a hook first: to measure their ranges, or to quantize them as the INT8 graph does.
+
+ATTENTION_FN = "sparse_export_int8"
+_HOOKS = {}          # attention module -> fn(query, key) -> (query, key)
+
+
+def _attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    hook = _HOOKS.get(module)
+    if hook is not None:
+        query, key = hook(query, key)
+    eager = sys.modules[type(module).__module__].eager_attention_forward
+    return eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+
+@contextlib.contextmanager
+def _attention_hooks(model, hooks):
+    """Run the attention modules in `hooks` {name: fn} through their hook while the block runs."""
+    if not hooks:
+        yield model
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(ATTENTION_FN, _attention)
+    AttentionMaskInterface.register(ATTENTION_FN, eager_mask)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_FN)
+    _HOOKS.update({model.get_submodule(n): fn for n, fn in hooks.items()})
+    try:
+        yield model
+    finally:
+        for n in hooks:
+            _HOOKS.pop(model.get_submodule(n), None)
+        model.set_attn_implementation(before)
+
+
+@contextlib.contextmanager
+def recording_attention(model, enabled=True):
+    """Yields {attention module: {"query": [min, max], "key": max |key|}}, filled by the forward passes
+    run inside the block (e.g. activation_ranges' calibration pass); {} when not enabled."""
+    stats = {n: {"query": [float("inf"), float("-inf")], "key": 0.0}
+             for n in (models.attention_names(model) if enabled else [])}
+
+    def hook(name):
+        def fn(query, key):
+            s = stats[name]
+            s["query"] = [min(s["query"][0], float(query.min())), max(s["query"][1], float(query.max()))]
+            s["key"] = max(s["key"], float(key.abs().max()))
+            return query, key
+        return fn
+
+    with _attention_hooks(model, {n: hook(n) for n in stats}):
+        yield stats
+
+
+def attention_qparams(ranges):
+    """{module: {"query": (scale, zero point) uint8, "key": scale int8}} from recording_attention."""
+    return {n: {"query": act_qparams(*r["query"]), "key": max(r["key"], 1e-8) / 127.0}
+            for n, r in ranges.items()}
+
+
+@contextlib.contextmanager
+def fake_int8(model, qparams, attention=None):
+    """The INT8 graph's arithmetic in torch while the block runs: the input of each Linear module in
+    qparams {name: (scale, zp)} quantized to uint8, and for each attention module in `attention`
+    (from attention_qparams) the query and key of the score matmul quantized (uint8 / int8)."""
+    def hook(p):
+        return lambda q, k: (fake_quant_input(q, *p["query"]), fake_quant_symmetric(k, p["key"]))
+
+    with fake_quantized_inputs(model, qparams), \
+            _attention_hooks(model, {n: hook(p) for n, p in (attention or {}).items()}):
+        yield model

@@ -1,0 +1,324 @@
+"""INT8 deployment folders: the Linear layers of the decoder run as integer matmuls.
+
+Each MatMul (or Gemm) that reads a decoder Linear weight becomes
+
+    x -> QuantizeLinear (uint8, static per-tensor scale / zero point from calibration)
+      -> MatMulInteger (uint8 activations x int8 weights, int32 result)
+      -> Cast (float) -> Mul (activation scale x weight scale, per output channel) [-> Add bias]
+
+the form DeepSparse 1.8 fuses into one sparse int8 kernel (it does not fuse a plain
+QuantizeLinear/DequantizeLinear graph, which runs slower than fp32 there); ONNX Runtime runs it too.
+Modules that share an input (q/k/v, gate/up) share one QuantizeLinear. The attention score matmul
+(query x key^T) becomes the same form with both operands quantized (query uint8, key int8, static
+per-tensor scales) where the architecture's attention is the standard one (archs.STANDARD_ATTENTION):
+it costs about 0.4% perplexity on SmolLM2 and saves ~12% of the int8 model's time in DeepSparse.
+Softmax and the probabilities x values matmul stay fp32 (uint8 probabilities cost +57% perplexity
+there: the many small probabilities round to zero), as do norms, embeddings, the LM head and the
+Linear layers whose inputs carry massive outliers (see prepare_int8).
+
+Weights of a --wbits 8 model are already on their grid: the recorded scales make the int8 values
+exact. Other models are rounded to nearest (per output channel) first.
+"""
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import data, models
+from ..errors import UserError
+from ..outputs import META_FILE, atomic_dir, read_meta, write_json
+from ..pruning.grid import grid_info, int_weight, recorded_scales, round_weights
+from .graph import ONNX_FILE, digest, load_onnx, match_modules, save_onnx, sparsity_summary, weight_sparsity
+from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, recording_attention
+from .int8_calib import outlier_ratio as quant_outlier_ratio
+from .onnx_plain import write_deployment
+from .validate import CHECK_BATCH, CHECK_TOKENS, int8_tolerance, reference_output, validate_plain
+
+ACT_NSAMPLES, ACT_SEQLEN = 32, 512   # calibration for activation ranges (one forward pass)
+OUTLIER_RATIO = 10.0
+
+
+def _attr(node, name, default):
+    for a in node.attribute:
+        if a.name == name:
+            return a.f if a.type == a.FLOAT else a.i
+    return default
+
+
+def _linear_weight(node, inits):
+    """(initializer name, out x in weight) when `node` is a plain x @ W (+ C) with W an initializer."""
+    from onnx import numpy_helper
+
+    if node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2 or node.input[1] not in inits:
+        return None
+    if node.op_type == "Gemm" and (_attr(node, "transA", 0) or _attr(node, "alpha", 1.0) != 1.0
+                                   or _attr(node, "beta", 1.0) != 1.0):
+        return None
+    arr = numpy_helper.to_array(inits[node.input[1]])
+    if arr.ndim != 2 or arr.dtype != np.float32:
+        return None
+    return node.input[1], arr if _attr(node, "transB", 0) else arr.T
+
+
+def quantize_graph(proto, model, weight_scales, act_params):
+    """Rewrite `proto` (fp32, traced from `model`) in place into the fused int8 form.
+
+    weight_scales: {module: scale per output row}; the module's weight must lie on that grid.
+    act_params:    {module: (scale, zero point)} for its uint8 input.
+    Returns {module: {"initializer", "input", "zeros", "size"}} for every quantized matmul.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    inits = {t.name: t for t in g.initializer}
+    want = {digest(models.weight_2d(model.get_submodule(n)).float().numpy()): n for n in weight_scales}
+    consumers = {}
+    for node in g.node:
+        for i in node.input:
+            consumers[i] = consumers.get(i, 0) + 1
+
+    new_nodes, new_inits, done, quantized_inputs, replaced = [], [], {}, {}, set()
+    for node in g.node:
+        hit = _linear_weight(node, inits)
+        module = want.get(digest(hit[1])) if hit else None
+        if module is None or module in done:
+            new_nodes.append(node)
+            continue
+        w_name, W = hit
+        x, y, tag = node.input[0], node.output[0], module
+        a_scale, a_zp = act_params[module]
+        if x not in quantized_inputs:                  # one QuantizeLinear per shared input
+            q = f"{tag}.input_quant"
+            new_inits += [numpy_helper.from_array(np.array(a_scale, np.float32), q + ".scale"),
+                          numpy_helper.from_array(np.array(a_zp, np.uint8), q + ".zero_point")]
+            new_nodes.append(helper.make_node("QuantizeLinear", [x, q + ".scale", q + ".zero_point"],
+                                              [q], name=q))
+            quantized_inputs[x] = (q, a_scale, a_zp)
+        q, a_scale, a_zp = quantized_inputs[x]
+        if (a_scale, a_zp) != tuple(act_params[module]):
+            raise UserError(f"{module}: modules reading one tensor got different activation scales")
+
+        w_scale = np.asarray(weight_scales[module], np.float32)
+        ints = int_weight(torch.from_numpy(np.array(W)), w_scale, name=module).numpy()  # out x in
+        combined = (np.float32(a_scale) * w_scale).astype(np.float32)
+        if np.all(combined == combined[0]):
+            combined = combined[:1].reshape(())                 # per tensor: a scalar Mul
+        new_inits += [numpy_helper.from_array(np.ascontiguousarray(ints.T), f"{tag}.weight_int8"),
+                      numpy_helper.from_array(np.array(0, np.int8), f"{tag}.weight_zero_point"),
+                      numpy_helper.from_array(combined, f"{tag}.rescale")]
+        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+        mul_out = f"{tag}.rescaled" if has_bias else y
+        new_nodes += [
+            helper.make_node("MatMulInteger", [q, f"{tag}.weight_int8", q + ".zero_point",
+                                               f"{tag}.weight_zero_point"], [f"{tag}.int32"],
+                             name=f"{tag}.MatMulInteger"),
+            helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.float"], name=f"{tag}.Cast",
+                             to=TensorProto.FLOAT),
+            helper.make_node("Mul", [f"{tag}.float", f"{tag}.rescale"], [mul_out], name=f"{tag}.Mul")]
+        if has_bias:
+            new_nodes.append(helper.make_node("Add", [mul_out, node.input[2]], [y], name=f"{tag}.Add"))
+        consumers[w_name] -= 1
+        replaced.add(w_name)
+        done[module] = {"initializer": f"{tag}.weight_int8", "input": x,
+                        "zeros": int(ints.size - np.count_nonzero(ints)), "size": int(ints.size)}
+
+    missing = sorted(set(weight_scales) - set(done))
+    if missing:
+        raise UserError(f"{missing[0]}: no MatMul in the ONNX graph reads its weight")
+    keep = [t for t in g.initializer if t.name not in replaced or consumers[t.name] > 0]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    del g.initializer[:]
+    g.initializer.extend(keep + new_inits)
+    return done
+
+
+def _scores_matmuls(g):
+    """{module scope: node} for each MatMul of two activations whose result reaches a Softmax through
+    elementwise ops only (scaling, mask): the attention score matmul, query x key^T."""
+    inits = {t.name for t in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    found = {}
+    for node in g.node:
+        if node.op_type != "Softmax":
+            continue
+        todo, seen = [node.input[0]], set()
+        while todo:
+            n = producer.get(todo.pop())
+            if n is None or id(n) in seen:
+                continue
+            seen.add(id(n))
+            if n.op_type == "MatMul" and not set(n.input) & inits:
+                found[n.name.rsplit("/", 1)[0]] = n
+            elif n.op_type in ("Mul", "Add", "Div", "Sub", "Cast", "Where", "Max", "Min"):
+                todo += list(n.input)
+    return found
+
+
+def quantize_attention(proto, attention):
+    """Rewrite the score matmul of each attention module in `attention` (from int8_calib.attention_qparams)
+    into QuantizeLinear x2 -> MatMulInteger -> Cast -> Mul. Returns the module names done."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = proto.graph
+    # scopes drop some module names ("/lm/decoder/layers.0/self_attn" for model.decoder.layers.0.self_attn):
+    # match on the last two, "layers.0.self_attn"
+    by_key = {".".join(scope.replace("/", ".").split(".")[-3:]): node for scope, node in _scores_matmuls(g).items()}
+    todo = {}
+    for module in attention:
+        node = by_key.get(".".join(module.split(".")[-3:]))
+        if node is None:
+            raise UserError(f"{module}: no attention score matmul found in the ONNX graph")
+        todo[id(node)] = module
+    new_nodes, new_inits = [], []
+    for node in g.node:
+        if id(node) not in todo:
+            new_nodes.append(node)
+            continue
+        module = todo[id(node)]
+        (q_scale, q_zp), k_scale = attention[module]["query"], attention[module]["key"]
+        t = f"{module}.scores"
+        new_inits += [numpy_helper.from_array(np.array(q_scale, np.float32), t + ".query_scale"),
+                      numpy_helper.from_array(np.array(q_zp, np.uint8), t + ".query_zero_point"),
+                      numpy_helper.from_array(np.array(k_scale, np.float32), t + ".key_scale"),
+                      numpy_helper.from_array(np.array(0, np.int8), t + ".key_zero_point"),
+                      numpy_helper.from_array(np.array(np.float32(q_scale) * np.float32(k_scale), np.float32),
+                                              t + ".rescale")]
+        new_nodes += [
+            helper.make_node("QuantizeLinear", [node.input[0], t + ".query_scale", t + ".query_zero_point"],
+                             [t + ".query_quant"], name=t + ".query_quant"),
+            helper.make_node("QuantizeLinear", [node.input[1], t + ".key_scale", t + ".key_zero_point"],
+                             [t + ".key_quant"], name=t + ".key_quant"),
+            helper.make_node("MatMulInteger", [t + ".query_quant", t + ".key_quant", t + ".query_zero_point",
+                                               t + ".key_zero_point"], [t + ".int32"], name=t + ".MatMulInteger"),
+            helper.make_node("Cast", [t + ".int32"], [t + ".float"], name=t + ".Cast", to=TensorProto.FLOAT),
+            helper.make_node("Mul", [t + ".float", t + ".rescale"], [node.output[0]], name=t + ".Mul")]
+    del g.node[:]
+    g.node.extend(new_nodes)
+    g.initializer.extend(new_inits)
+    return sorted(attention)
+
+
+def prepare_int8(model, meta, windows, percentile=None, outlier_ratio=OUTLIER_RATIO, batch=4,
+                 stored_dtype=torch.float32, attention=True):
+    """Weight scales, activation qparams, attention qparams, and the modules left in fp32.
+
+    Activation ranges are min/max, or clipped to `percentile`. A module whose input reaches more
+    than `outlier_ratio` times beyond its 99.99th-percentile range (the massive activations some
+    MLP down projections see) stays fp32: one uint8 step there would swallow ordinary values.
+    None quantizes every module.
+    Puts every weight exactly on its grid in place (a no-op for fp32 --wbits models; 16-bit storage
+    is up to 1/4 step off), so `model` becomes the fake-quantized reference together with
+    int8_calib.fake_int8. attention=False (or an architecture outside archs.STANDARD_ATTENTION) keeps
+    the score matmuls fp32. Returns (scales, qparams, attention qparams, weight source, fp32 modules).
+    """
+    names = models.prunable_names(model)
+    scales = recorded_scales(meta, names)
+    tol = 1e-3 if stored_dtype == torch.float32 else 0.3
+    with torch.no_grad():
+        for n, s in scales.items():
+            mod = model.get_submodule(n)
+            ints = int_weight(models.weight_2d(mod), s, tol=tol, name=n)
+            models.set_weight_2d(mod, ints.float() * torch.tensor(s).reshape(-1, 1))
+    rest = [n for n in names if n not in scales]
+    scales.update(round_weights(model, 8, True, rest))
+    source = "recorded" if not rest else ("round-to-nearest" if len(rest) == len(names) else "mixed")
+    with recording_attention(model, attention) as attn_ranges:    # one calibration pass for both
+        ranges = activation_ranges(model, windows, names, batch=batch, percentile=percentile or 99.99)
+    fp32 = [n for n in names if outlier_ratio and quant_outlier_ratio(ranges[n]) > outlier_ratio]
+    lohi = ("lo", "hi") if percentile else ("min", "max")
+    qparams = {n: act_qparams(ranges[n][lohi[0]], ranges[n][lohi[1]]) for n in names if n not in fp32}
+    return {n: scales[n] for n in qparams}, qparams, attention_qparams(attn_ranges), source, fp32
+
+
+def read_qparams(meta):
+    """(Linear qparams, attention qparams) recorded in an int8 deployment's sparse_export.json."""
+    q = meta["int8"]
+    linear = {n: (v["scale"], v["zero_point"]) for n, v in q["activations"]["qparams"].items()}
+    attn = {n: {"query": (v["query_scale"], v["query_zero_point"]), "key": v["key_scale"]}
+            for n, v in (q.get("attention") or {}).get("qparams", {}).items()}
+    return linear, attn
+
+
+def write_int8_deployment(model, tokenizer, folder, scales, qparams, attention=None, logits="last", seqlen=16,
+                          source=None, extra=None, log=print):
+    """fp32 deployment folder, then its model.onnx rewritten to the fused int8 form. Returns metadata."""
+    t0 = time.perf_counter()
+    meta = write_deployment(model, tokenizer, folder, logits, seqlen, source=source, validate=False,
+                            log=lambda *_: None)
+    path = Path(folder) / ONNX_FILE
+    proto = load_onnx(path)
+    done = quantize_graph(proto, model, scales, qparams)
+    attention = attention or {}
+    quantize_attention(proto, attention)
+    save_onnx(proto, path)
+    weights = weight_sparsity(path)
+    problems = [x for x in match_modules(weights, path, model) if x.split(":")[0] not in done]
+    if problems:                               # the fp32 matrices left: matched by value
+        raise UserError(f"the exported weights do not match the model: {problems[0]}")
+    for module, row in done.items():          # int8 initializers: named by us, module known
+        weights[row["initializer"]].update(module=module, prunable=True, op="MatMulInteger",
+                                           transposed=True)
+        w = models.weight_2d(model.get_submodule(module))
+        if row["zeros"] != int((w == 0).sum()):
+            raise UserError(f"{module}: zero count changed in the int8 export")
+    meta.update(sparsity_summary(weights), weights=weights, export_s=time.perf_counter() - t0)
+    meta["validation"] = validate_int8(model, path, logits, qparams, attention)
+    meta["int8"] = {
+        "form": "QuantizeLinear -> MatMulInteger -> Cast -> Mul [-> Add]",
+        "matmul_integer": len(done),
+        "fp32_linear": sorted(set(models.prunable_names(model)) - set(done)),
+        "weights": grid_info(8, any(len(set(s)) > 1 for s in scales.values()), "see weight_source"),
+        "activations": {"dtype": "uint8", "granularity": "per-tensor", "static": True,
+                        "qparams": {n: {"scale": s, "zero_point": z} for n, (s, z) in qparams.items()}},
+        "attention": {"score_matmul": "int8" if attention else "fp32", "query": "uint8 per-tensor",
+                      "key": "int8 symmetric per-tensor", "probabilities_x_values": "fp32",
+                      "qparams": {n: {"query_scale": p["query"][0], "query_zero_point": p["query"][1],
+                                      "key_scale": p["key"]} for n, p in attention.items()}},
+        "fp32_ops": ("" if attention else "attention score matmuls, ") + "softmax, probabilities x values "
+                    "matmuls, norms, embeddings, LM head, fp32_linear",
+        **(extra or {}),
+    }
+    write_json(Path(folder) / META_FILE, meta)
+    log(f"exported {len(done)} int8 Linear matmuls and {len(attention)} int8 attention score matmuls at "
+        f"{meta['prunable_sparsity']:.1%} sparsity "
+        f"(counted in the ONNX file), logits={logits}")
+    return meta
+
+
+def validate_int8(model, onnx_file, logits: str, qparams: dict, attention: dict) -> dict:
+    """The int8 graph on ONNX Runtime against the torch model with the same integer weights and its
+    activations fake-quantized like the graph's (validate.int8_tolerance)."""
+    inputs = data.random_tokens(model.config.vocab_size, CHECK_BATCH, CHECK_TOKENS)
+    fp32 = reference_output(model, logits, *inputs)
+    with fake_int8(model, qparams, attention):
+        ref = reference_output(model, logits, *inputs)
+    return validate_plain(model, onnx_file, logits, reference=ref, tolerance=int8_tolerance(ref, fp32), inputs=inputs)
+
+
+def export_int8(model_spec, out, calib="c4", nsamples=ACT_NSAMPLES, seqlen=ACT_SEQLEN, seed=0,
+                percentile=None, outlier_ratio=OUTLIER_RATIO, attention=True, logits="last", trace_seqlen=16,
+                force=False, log=print):
+    """`export onnx --int8`: load MODEL, calibrate activations, write the int8 deployment folder."""
+    if percentile is not None and not 50 < percentile < 100:
+        raise UserError(f"--percentile must be in (50, 100), got {percentile}")
+    if outlier_ratio is not None and outlier_ratio < 0:
+        raise UserError(f"--outlier-ratio must be >= 0 (0: quantize every layer), got {outlier_ratio}")
+    data.check_source(calib, allow_self=True)
+    with atomic_dir(out, force) as tmp:
+        model, tokenizer = models.load_model(model_spec)
+        stored_dtype = model.dtype
+        model.float()
+        src_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
+        windows = data.calibration_windows(calib, tokenizer, nsamples, seqlen, seed, model=model)
+        scales, qparams, attn, how, _ = prepare_int8(model, src_meta, windows, percentile, outlier_ratio,
+                                                     stored_dtype=stored_dtype, attention=attention)
+        extra = {"weight_source": how, "outlier_ratio": outlier_ratio,
+                 "calibration": {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+                                 "range": f"percentile {percentile}" if percentile else "min/max"}}
+        meta = write_int8_deployment(model, tokenizer, tmp, scales, qparams, attn, logits, trace_seqlen,
+                                     source=model_spec, extra=extra, log=log)
+    log(f"wrote {out}")
+    return meta

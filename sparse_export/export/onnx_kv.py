@@ -1,0 +1,158 @@
+"""KV-cache ONNX export: one graph for the prompt (many tokens) and each decode step (one token).
+Its interface (names, per-call inputs, cache handling) is kv_layout.py.
+
+The graph follows the names and cache layout of DeepSparse 1.8's text-generation pipeline.
+With L = max_length (static: the runtime fixes it), n = tokens fed in this call, P = L - n:
+
+  inputs   input_ids [B, n] int64
+           attention_mask [B, L] int64    1 on valid cache slots; they are right-aligned
+           positions [B, n] int64         absolute positions of the n new tokens
+           causal_mask [B, 1, n, L] int64 1 where new token i may attend slot j
+           past_key_values.{i}.key/.value [B, kv_heads, P, head_dim] float32
+  outputs  logits [B, n, vocab]
+           present.{i}.key/.value [B, kv_heads, L, head_dim] = concat(past, new) on the slot axis
+
+Before the next call with n' tokens the runtime keeps the last L - n' slots of `present`
+(the oldest, empty slots fall off the left). The cache has num_key_value_heads heads, so
+grouped-query models keep their small cache; query heads share KV heads inside the graph.
+"""
+
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import archs, models
+from ..errors import UserError
+from ..outputs import META_FILE, Timer, atomic_dir, library_versions, write_json
+from .graph import OPSET, match_modules, save_onnx, sparsity_summary, weight_sparsity
+from .kv_layout import KV_INPUTS, cache_names, cache_spec, step_feed
+from .validate import validate_kv
+
+
+class KVCacheLM(nn.Module):
+    """Runs the HF model's own layers with an explicit cache; returns plain tensors.
+
+    What each block computes comes from the model's entry in archs.py (embed, block, head)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.arch = archs.arch_of(model)
+        if not self.arch.kv_cache:
+            raise UserError(f"KV-cache export does not support architecture '{self.arch.model_type}' "
+                            f"(supported: {', '.join(archs.KV_CACHE)})")
+        self.layers = models.decoder_layers(model)
+        self.dims = self.arch.cache_shape(model.config)
+
+    def forward(self, input_ids, attention_mask, positions, causal_mask, *past):
+        allowed = causal_mask * attention_mask[:, None, None, :]
+        bias = (1.0 - allowed.float()) * torch.finfo(torch.float32).min
+        h, ctx = self.arch.embed(self.model, input_ids, positions)
+        presents = []
+        for i, layer in enumerate(self.layers):
+            h, k, v = self.arch.block(layer, h, bias, past[2 * i], past[2 * i + 1], ctx, self.dims)
+            presents += [k, v]
+        return (self.arch.head(self.model, h), *presents)
+
+
+def check_supported(model, max_length: int) -> None:
+    """UserError for architectures or settings the wrapper does not reproduce exactly."""
+    c, arch = model.config, archs.arch_of(model)
+    if not arch.kv_cache:
+        raise UserError(f"KV-cache export does not support architecture '{arch.model_type}' "
+                        f"(supported: {', '.join(archs.KV_CACHE)})")
+    rope = (getattr(c, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope in ("dynamic", "longrope"):
+        raise UserError(f"KV-cache export does not support rope_type '{rope}'")
+    sliding = arch.sliding_window(c)
+    if sliding and max_length > sliding:
+        raise UserError(f"--max-length {max_length} exceeds the model's sliding window ({sliding}); "
+                        f"use --max-length {sliding} or less")
+    limit = getattr(c, "max_position_embeddings", None) or getattr(c, "n_positions", None)
+    if arch.learned_positions and limit and max_length > limit:
+        raise UserError(f"--max-length {max_length} exceeds the model's {limit} learned positions")
+
+
+def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False, log=print) -> dict:
+    """Export MODEL as a KV-cache ONNX deployment folder at `out`, atomically. Returns the metadata."""
+    if max_length < 2:
+        raise UserError("--max-length must be at least 2")
+    with atomic_dir(out, force) as tmp:
+        with Timer() as t_load:
+            model, tokenizer = models.load_model(model_spec)
+        model = model.float().eval()
+        check_supported(model, max_length)
+        n_layers, kv_heads, head_dim = cache_spec(model)
+        with Timer() as t_export:
+            _export(model, tmp / "model.onnx")
+        weights = weight_sparsity(tmp / "model.onnx")  # counted in the file, as the plain export does
+        problems = match_modules(weights, tmp / "model.onnx", model)
+        if problems:
+            raise UserError(f"the exported weights do not match the model: {problems[0]}")
+        summary = sparsity_summary(weights)
+        validation = validate_kv(model, tmp / "model.onnx", max_length)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        meta = {
+            "kind": "onnx-kv-cache",
+            "format": "onnx",
+            "source_model": str(model_spec),
+            "architecture": archs.model_type(model),
+            "opset": OPSET,
+            "max_length": max_length,
+            "logits": "all",
+            "cache": {
+                "layers": n_layers, "kv_heads": kv_heads, "query_heads": model.config.num_attention_heads,
+                "head_dim": head_dim, "dtype": "float32",
+                "inputs": KV_INPUTS + ["past_key_values.{i}.key", "past_key_values.{i}.value"],
+                "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+                "layout": (
+                    "L = max_length, n = tokens in this call. attention_mask [B, L]: 1 on valid slots, "
+                    "right-aligned. positions [B, n]: absolute positions. causal_mask [B, 1, n, L]: 1 where "
+                    "token i may attend slot j. past_key_values.i.* [B, kv_heads, L - n, head_dim]; "
+                    "present.i.* [B, kv_heads, L, head_dim] = concat(past, new); keep its last L - n' slots "
+                    "for the next call with n' tokens. Same layout as DeepSparse 1.8 text generation."),
+            },
+            **summary,
+            "validation": validation,
+            "weights": weights,
+            "timing": {"load_s": t_load.wall, "export_s": t_export.wall},
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        write_json(tmp / META_FILE, meta)
+    log(f"wrote KV-cache ONNX to {out}: max length {max_length}, cache {n_layers} layers x {kv_heads} KV heads "
+        f"x {head_dim}; {summary['prunable_matrices']} prunable matrices at {summary['prunable_sparsity']:.1%} "
+        f"sparsity (counted in the ONNX file)")
+    return meta
+
+
+@torch.no_grad()
+def _export(model, path):
+    import onnx
+
+    wrapper = KVCacheLM(model).eval()
+    n_layers, kv, d = cache_spec(model)
+    n, past = 3, 5  # tracing shapes; every axis below is dynamic
+    feed = step_feed(np.arange(1, n + 1)[None], 2, n + past)
+    args = [torch.from_numpy(feed[k]) for k in KV_INPUTS]
+    args += [torch.randn(1, kv, past, d) for _ in range(2 * n_layers)]
+    past_names, present_names = cache_names(n_layers, "past_key_values"), cache_names(n_layers, "present")
+    axes = {"input_ids": {0: "batch", 1: "seq"}, "positions": {0: "batch", 1: "seq"},
+            "attention_mask": {0: "batch", 1: "total"},
+            "causal_mask": {0: "batch", 2: "seq", 3: "total"}, "logits": {0: "batch", 1: "seq"}}
+    axes.update({p: {0: "batch", 2: "past"} for p in past_names})
+    axes.update({p: {0: "batch", 2: "total"} for p in present_names})
+    scratch = path.parent / "_export"
+    scratch.mkdir()
+    torch.onnx.export(wrapper, tuple(args), str(scratch / path.name), dynamo=False, opset_version=OPSET,
+                      input_names=KV_INPUTS + past_names, output_names=["logits"] + present_names,
+                      dynamic_axes=axes, do_constant_folding=True)
+    save_onnx(onnx.load(str(scratch / path.name)), path)  # external data past 2 GB
+    for f in scratch.iterdir():
+        f.unlink()
+    scratch.rmdir()

@@ -1,0 +1,89 @@
+"""The `prune` job (load -> calibrate -> prune -> save), and rounding a pruned folder afterwards."""
+
+import time
+from pathlib import Path
+
+import torch
+
+from .. import archs, data, models
+from ..outputs import Timer, atomic_dir, library_versions, peak_rss_gib, read_meta
+from .driver import prune_model
+from .grid import QUANT_HEADROOM, grid_info, round_weights
+from .recipe import Recipe
+
+
+def plain_copy(model_spec, folder) -> Path:
+    """Save MODEL once as a plain safetensors folder (a GGUF is dequantized once) that loads fast."""
+    folder = Path(folder)
+    if not folder.exists():
+        model, tokenizer = models.load_model(model_spec)
+        models.save_model_folder(model, tokenizer, folder, {"kind": "dense-model", "source_model": str(model_spec)})
+    return folder
+
+
+def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | None = None, log=print) -> dict:
+    """Prune MODEL into the save_pretrained folder `out`. Returns the metadata written."""
+    recipe.validate()
+    if recipe.pruner.needs_calibration:
+        data.check_source(recipe.calib, allow_self=True)
+    if threads:
+        torch.set_num_threads(threads)
+    with atomic_dir(out, force) as tmp:
+        with Timer() as t_load:
+            model, tokenizer = models.load_model(model_spec)
+        models.decoder_layers(model)  # unsupported architecture: fail before calibration
+        calib = None
+        with Timer() as t_calib:
+            if recipe.pruner.needs_calibration:
+                calib = data.calibration_windows(recipe.calib, tokenizer, recipe.nsamples,
+                                                 recipe.seqlen, recipe.seed, model=model)
+        log(f"loaded {model_spec} ({archs.model_type(model)}, "
+            f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {t_load.wall:.1f}s")
+        with Timer() as t_prune:
+            stats, mode = prune_model(model, calib, recipe)
+        total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
+        zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
+        meta = {
+            "kind": "pruned-model",
+            "source_model": str(model_spec),
+            "architecture": archs.model_type(model),
+            "recipe": recipe.to_dict(),
+            **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
+                                  "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
+               if recipe.wbits else {}),
+            "pruned_sparsity": zeros / max(total, 1),
+            "calibration_mode": mode,
+            "matrices": stats,
+            "timing": {"load_s": t_load.wall, "calibration_data_s": t_calib.wall,
+                       "prune_wall_s": t_prune.wall, "prune_cpu_s": t_prune.cpu,
+                       "threads": torch.get_num_threads()},
+            "peak_memory_gib": peak_rss_gib(),
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        models.save_model_folder(model, tokenizer, tmp, meta)
+    log(f"pruned {len(stats)} matrices to {meta['pruned_sparsity']:.1%} sparsity in "
+        f"{t_prune.wall:.1f}s wall / {t_prune.cpu:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")
+    log(f"wrote {out}")
+    return meta
+
+
+def round_pruned_folder(src, out, bits: int = 8, per_channel: bool = True, force: bool = False, log=print) -> dict:
+    """Prune then round: load a pruned model folder, round its matrices, save it with the scales.
+
+    The baseline that joint SparseGPT + quantization should beat; same grid, same metadata layout.
+    """
+    model, tokenizer = models.load_model(src)
+    meta = read_meta(src)
+    mats = meta.setdefault("matrices", {})
+    with atomic_dir(out, force) as tmp:
+        for name, scale in round_weights(model, bits, per_channel).items():
+            w = models.weight_2d(model.get_submodule(name))
+            mats.setdefault(name, {"shape": list(w.shape)})
+            mats[name].update(scale=scale, sparsity=float((w == 0).float().mean()))
+        meta.setdefault("recipe", {}).update(wbits=bits, per_channel=per_channel)
+        meta["quantization"] = grid_info(bits, per_channel, "round-after-pruning")
+        meta["rounded_from"] = str(src)
+        models.save_model_folder(model, tokenizer, tmp, meta)
+    log(f"rounded {len(mats)} matrices of {src} onto the {bits}-bit grid; wrote {out}")
+    return meta

@@ -1,0 +1,340 @@
+"""`prune-and-export --target cpu`: from a model to a verified, benchmarked deployment, in one atomic
+output folder. The steps, in order, each a function below:
+
+  load_dense       the original model; dense deployment onnx-dense/ and its torch reference
+  prune_step       pruned-model/ (the pruned checkpoint + sparse_export.json)
+  deploy           onnx-sparse/ (and onnx-int8/ with --int8) with their torch references
+  prefill_step     every runtime on every deployment, timed interleaved; outputs checked against torch
+  generation_step  dense-kv/, sparse-kv/ and generate.png: decode speed (skipped with --no-generate)
+  report           report.md, report.json, latency.png
+
+The folder is built in a temporary folder beside --out and renamed at the end: a failure in any
+step leaves nothing at --out.
+"""
+
+import gc
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import archs, data, models
+from ..errors import UserError
+from ..evaluate import evaluate
+from ..export.int8_calib import fake_int8
+from ..export.onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, prepare_int8, write_int8_deployment
+from ..export.onnx_kv import export_kv_onnx
+from ..export.onnx_plain import write_deployment
+from ..export.validate import INT8_NOISE_FACTOR, agreement, int8_tolerance, reference_output
+from ..measure.generation import benchmark_generation, generation_table, plot_generation
+from ..measure.prefill import benchmark_prefill, prefill_table, save_prefill
+from ..outputs import atomic_dir, library_versions, read_meta
+from ..pruning.jobs import prune
+from ..pruning.pruners import PRUNERS
+from ..report import fmt, table, write_report
+from ..runtimes import CPU_RUNTIMES, GENERATE_RUNTIMES, get_runtime, installed
+from .options import CpuOptions
+
+# SparseGPT paper (Frantar & Alistarh 2023): end-to-end DeepSparse speedup of OPT-2.7B on CPU
+PAPER_OPT_2_7B = {0.4: 1.57, 0.5: 1.82, 0.6: 2.16}
+PLOT = "latency.png"
+
+
+@dataclass
+class _Run:
+    """What the steps share: the model spec, options, the temporary output folder and the results."""
+
+    model: str
+    opts: CpuOptions
+    tmp: Path
+    log: object
+    runtimes: list
+    inputs: tuple = None
+    inputs_note: str = ""
+    folders: dict = field(default_factory=dict)      # label -> deployment folder
+    reference: dict = field(default_factory=dict)    # label -> torch output for `inputs`
+    exports: dict = field(default_factory=dict)      # label -> deployment metadata
+    ppl: dict = field(default_factory=dict)          # label -> perplexity result
+    prune_meta: dict = None
+
+    def step_log(self, msg):  # steps write into the temporary folder: leave out their "wrote" lines
+        if not str(msg).startswith("wrote "):
+            self.log(msg)
+
+
+def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
+    """Prune, export dense and sparse ONNX, verify, benchmark, report. Returns report.json's dict."""
+    opts.validate()
+    runtimes = check_inputs(opts)
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    with atomic_dir(out, opts.force) as tmp:
+        run = _Run(str(model), opts, Path(tmp), log, runtimes)
+        gen_skip = load_dense(run)
+        prune_step(run)
+        deploy(run)
+        result = prefill_step(run)
+        report = _report_dict(run, result)
+        sections = _sections(report, report["benchmark"]["rows"])
+        sections += _generation_sections(run, gen_skip, report)
+        write_report(run.tmp, _title(run), sections, report, plot=PLOT)
+    outputs = ["pruned-model/", "onnx-dense/", "onnx-sparse/"] + (["onnx-int8/"] if opts.int8 else [])
+    outputs += [] if gen_skip else ["dense-kv/", "sparse-kv/", "generate.png"]
+    log(f"wrote {out} ({', '.join(outputs + ['report.md', 'report.json', PLOT])})")
+    return report
+
+
+def check_inputs(opts: CpuOptions) -> list[str]:
+    """Data sources and runtimes, before any work. Returns the runtimes to use."""
+    data.check_source(opts.recipe.calib, allow_self=True)
+    if opts.eval_data is not None:
+        data.check_source(opts.eval_data)
+    runtimes = list(opts.runtimes or [n for n in CPU_RUNTIMES if installed(n)])
+    for name in runtimes:
+        get_runtime(name)  # unknown or missing engine: fail before any work
+    return runtimes
+
+
+def _deploy_fp32(run: _Run, label: str, spec, m, tok):
+    """Deployment folder `label` of the in-memory model m, its torch reference and perplexity."""
+    m.float()  # what the ONNX graph computes in
+    if run.opts.eval_data is not None:
+        run.log(f"perplexity of the {label} model on {run.opts.eval_data}")
+        run.ppl[label] = evaluate(spec, run.opts.eval_data, run.opts.eval_seqlen, run.opts.max_segments,
+                                  model=m, tokenizer=tok)
+    run.reference[label] = reference_output(m, run.opts.logits, *run.inputs)
+    run.folders[label] = run.tmp / f"onnx-{label}"
+    run.exports[label] = write_deployment(m, tok, run.folders[label], run.opts.logits, source=spec,
+                                          log=run.step_log)
+
+
+def load_dense(run: _Run) -> str | None:
+    """Load the original model, pick the benchmark inputs, write onnx-dense/. Returns why generation
+    is skipped (None: it runs)."""
+    o = run.opts
+    run.log(f"loading {run.model}")
+    dense, tok = models.load_model(run.model)
+    models.decoder_layers(dense)  # unsupported architecture: fail before any work
+    gen_skip = _generation_skip(dense, o, run.runtimes)
+    run.inputs, run.inputs_note = _text_inputs(o.eval_data or o.recipe.calib, tok, o.bench_batch, o.bench_seqlen,
+                                               dense.config.vocab_size)
+    _deploy_fp32(run, "dense", run.model, dense, tok)
+    del dense
+    gc.collect()
+    return gen_skip
+
+
+def prune_step(run: _Run) -> None:
+    """pruned-model/: the pruned checkpoint."""
+    run.prune_meta = prune(run.model, run.tmp / "pruned-model", run.opts.recipe, force=True,
+                           threads=run.opts.threads, log=run.step_log)
+
+
+def deploy(run: _Run) -> None:
+    """onnx-sparse/ (its export checks every ONNX matrix against the checkpoint) and, with --int8,
+    onnx-int8/."""
+    pruned_dir = run.tmp / "pruned-model"
+    sparse, tok = models.load_model(pruned_dir)
+    _deploy_fp32(run, "sparse", pruned_dir, sparse, tok)
+    if run.opts.int8:
+        run.folders["int8"] = run.tmp / "onnx-int8"
+        run.exports["int8"] = _deploy_int8(run, sparse, tok, pruned_dir)
+    del sparse
+    gc.collect()
+
+
+def _deploy_int8(run: _Run, model, tok, pruned_dir):
+    """onnx-int8/ from the jointly pruned model; its reference and perplexity come from the torch
+    model with the same integer weights and its Linear inputs fake-quantized like the graph's."""
+    o, r = run.opts, run.opts.recipe
+    n, L = min(r.nsamples, ACT_NSAMPLES), min(r.seqlen, ACT_SEQLEN)
+    run.log(f"int8: activation ranges from {n} x {L} calibration tokens")
+    windows = data.calibration_windows(r.calib, tok, n, L, r.seed, model=model)
+    scales, qparams, attn, how, fp32 = prepare_int8(model, read_meta(pruned_dir), windows,
+                                                    attention=not o.fp32_attention)
+    if fp32:
+        run.log(f"int8: {len(fp32)} Linear layer(s) with outlier inputs stay fp32")
+    with fake_int8(model, qparams, attn):
+        if o.eval_data is not None:
+            run.log(f"perplexity of the int8 model on {o.eval_data}")
+            run.ppl["int8"] = evaluate(pruned_dir, o.eval_data, o.eval_seqlen, o.max_segments, model=model,
+                                       tokenizer=tok)
+        run.reference["int8"] = reference_output(model, o.logits, *run.inputs)
+    extra = {"weight_source": how, "outlier_ratio": OUTLIER_RATIO,
+             "calibration": {"source": str(r.calib), "nsamples": n, "seqlen": L, "seed": r.seed, "range": "min/max"}}
+    return write_int8_deployment(model, tok, run.folders["int8"], scales, qparams, attn, o.logits,
+                                 source=pruned_dir, extra=extra, log=run.log)
+
+
+def prefill_step(run: _Run) -> dict:
+    """Every runtime on every deployment, interleaved; outputs against torch; latency.png."""
+    o = run.opts
+    run.log(f"benchmark: {', '.join(run.runtimes)} on {o.bench_batch}x{o.bench_seqlen} tokens")
+    result = benchmark_prefill(run.folders, run.runtimes, baseline="dense", batch=o.bench_batch,
+                               seqlen=o.bench_seqlen, warmup=o.warmup, iterations=o.iterations, threads=o.threads,
+                               logits=o.logits, inputs=run.inputs, keep_outputs=True, log=run.log)
+    rows = result["rows"]
+    agree = agreement([r for r in rows if r["model"] != "int8"], run.reference)
+    if o.int8:
+        agree += agreement([r for r in rows if r["model"] == "int8"], run.reference,
+                           int8_tolerance(run.reference["int8"], run.reference["sparse"]))
+    save_prefill(result, plot_path=run.tmp / PLOT)
+    result["rows"] = [{k: v for k, v in r.items() if k != "output"} for r in rows]
+    result["agreement"] = agree
+    return result
+
+
+def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opts: CpuOptions, log=print) -> dict:
+    """KV-cache graphs of the dense and pruned models (out_dir/dense-kv, out_dir/sparse-kv), decode speed
+    on `runtimes`, out_dir/generate.png. Returns {"result", "markdown"}."""
+    out_dir = Path(out_dir)
+    log(f"generation benchmark: {', '.join(runtimes)}, {opts.prompt_tokens}-token prompt, "
+        f"{opts.new_tokens} new tokens")
+    folders = {"dense": out_dir / "dense-kv", "sparse": out_dir / "sparse-kv"}
+    for src, dst in ((dense_model, folders["dense"]), (sparse_model, folders["sparse"])):
+        export_kv_onnx(src, dst, opts.prompt_tokens + opts.new_tokens, force=True, log=log)
+    result = benchmark_generation(folders, runtimes, "dense", opts.prompt_tokens, opts.new_tokens,
+                                  iterations=min(opts.iterations, 3), threads=opts.threads)
+    plot_generation(result, out_dir / "generate.png")
+    md = (f"## Generation ({opts.prompt_tokens}-token prompt, {opts.new_tokens} new tokens, batch 1)\n\n"
+          + generation_table(result) + "\n\n![decode speed](generate.png)\n")
+    return {"result": result, "markdown": md}
+
+
+def _generation_sections(run: _Run, gen_skip: str | None, report: dict) -> list:
+    """Runs generation_step unless skipped; fills report["generate"]; returns the report sections."""
+    if gen_skip:
+        run.log(f"generation benchmark skipped: {gen_skip}")
+        report["generate"] = {"skipped": gen_skip}
+        return [("Generation", f"Not measured: {gen_skip}.")] if run.opts.generate else []
+    gen = generation_step(run.model, run.tmp / "pruned-model", run.tmp,
+                          [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log)
+    report["generate"] = gen["result"]
+    heading, _, body = gen["markdown"].partition("\n")
+    return [(heading.lstrip("# "), body)]
+
+
+def _title(run: _Run) -> str:
+    return f"{run.model}: {run.prune_meta['pruned_sparsity']:.0%} {run.opts.recipe.pruner.title} for CPU"
+
+
+def _report_dict(run: _Run, result: dict) -> dict:
+    o, p = run.opts, run.prune_meta
+    return {
+        "target": "cpu", "model": run.model, "recipe": o.recipe.to_dict(), "logits": o.logits,
+        "prune": {k: p.get(k) for k in ("pruned_sparsity", "calibration_mode", "timing")},
+        "export": {k: {**{f: e[f] for f in ("prunable_sparsity", "prunable_matrices", "all_weights_sparsity",
+                                              "weight_initializers", "external_data", "export_s")},
+                       **({"quant": _quant_summary(e["int8"])} if "int8" in e else {})}
+                   for k, e in run.exports.items()},
+        "verify": {"inputs": run.inputs_note, "agreement": result.pop("agreement"), "perplexity": run.ppl},
+        "benchmark": result,
+        "paper_opt_2_7b_deepsparse": {str(k): v for k, v in PAPER_OPT_2_7B.items()},
+        "versions": library_versions(),
+    }
+
+
+def _text_inputs(source, tokenizer, batch, seqlen, vocab):
+    """(ids, mask) from real text, or random tokens when there is no text source."""
+    if source is None or str(source) == "self":
+        return data.random_tokens(vocab, batch, seqlen), "random tokens"
+    windows = data.eval_windows(source, tokenizer, seqlen, max_segments=batch)
+    if windows.shape[0] < batch:
+        raise UserError(f"{source} has fewer than {batch} windows of {seqlen} tokens for the benchmark")
+    ids = windows.numpy().astype(np.int64)
+    return (ids, np.ones_like(ids)), f"{batch} window(s) of {source}"
+
+
+def _generation_skip(model, opts: CpuOptions, runtimes) -> str | None:
+    """Why the generation benchmark is left out (None: it runs)."""
+    if not opts.generate:
+        return "--no-generate"
+    if not set(runtimes) & set(GENERATE_RUNTIMES):
+        return f"it runs on {' or '.join(GENERATE_RUNTIMES)}, and neither is among the runtimes"
+    if not archs.arch_of(model).kv_cache:
+        return (f"the KV-cache export does not support architecture '{archs.model_type(model)}' "
+                f"(supported: {', '.join(archs.KV_CACHE)})")
+    return None
+
+
+def _quant_summary(meta_int8):
+    """The int8 metadata without its per-tensor activation and attention qparams."""
+    out = {x: y for x, y in meta_int8.items() if x != "activations"}
+    out["attention"] = {x: y for x, y in meta_int8["attention"].items() if x != "qparams"}
+    return out
+
+
+def _sections(r, rows):
+    e, v, p = r["export"], r["verify"], r["prune"]
+    s = p["pruned_sparsity"]
+    summary = "\n".join([
+        f"- Model `{r['model']}`, pruned one-shot with {PRUNERS[r['recipe']['method']].title} to {s:.1%} of the decoder-layer weights "
+        f"(calibration `{r['recipe']['calib']}`, {r['recipe']['nsamples']} x {r['recipe']['seqlen']} tokens).",
+        f"- Sparsity counted in `onnx-sparse/model.onnx`: {e['sparse']['prunable_sparsity']:.2%} over its "
+        f"{e['sparse']['prunable_matrices']} prunable matrices; each holds exactly the checkpoint's values, "
+        f"so the zero counts equal the checkpoint's matrix by matrix. All weights: "
+        f"{e['sparse']['all_weights_sparsity']:.2%} (embeddings and LM head stay dense).",
+        f"- Graph output: `{r['logits']}` logits (`last` = last position only, what a prefill needs).",
+    ])
+    if "int8" in e:
+        summary += (
+            f"\n- INT8 (`onnx-int8/`): pruned jointly onto the int8 weight grid (SparseGPT rounds each kept "
+            f"weight before propagating its error), so `onnx-sparse/` and `onnx-int8/` hold the same weights. "
+            f"{e['int8']['quant']['matmul_integer']} of {e['int8']['prunable_matrices']} Linear layers run as "
+            f"QuantizeLinear -> MatMulInteger -> Cast -> Mul (activations uint8, static per-tensor ranges "
+            f"from calibration); {len(e['int8']['quant']['fp32_linear'])} whose inputs carry massive outliers "
+            f"stay fp32. Attention score matmuls (query x key): "
+            f"{e['int8']['quant']['attention']['score_matmul']}; softmax, probabilities x values, norms, "
+            f"embeddings and the LM head stay fp32. Sparsity counted in the file: "
+            f"{e['int8']['prunable_sparsity']:.2%}. Its torch reference and perplexity use the same integer "
+            f"weights with the same activations fake-quantized. Engines and torch round a few activations "
+            f"differently and those differences spread, so the int8 tolerance is {INT8_NOISE_FACTOR:g}x the "
+            f"largest change quantizing the activations makes to the torch logits.")
+    agree = table(v["agreement"], [("model", "model"), ("runtime", "runtime"),
+                                   ("max abs diff vs torch", "max_abs_diff"),
+                                   ("max abs output", "max_abs_output"), ("tolerance", "tolerance")])
+    sections = [("Summary", summary), ("Side by side", _side_by_side(v["perplexity"], rows)),
+                ("Correctness", f"Outputs on {v['inputs']}, against the torch model in eval mode.\n\n{agree}")]
+    if v["perplexity"]:
+        ppl = [{**x, "model": k} for k, x in v["perplexity"].items()]
+        sections.append(("Perplexity", table(ppl, [("model", "model"), ("data", "data"), ("windows", "windows"),
+                                                   ("seqlen", "seqlen"), ("perplexity", "perplexity")])))
+    c = r["benchmark"]["config"]
+    speed = (f"Forward pass over {c['batch']} x {c['seqlen']} tokens, threads: {c['threads']}, "
+             f"{c['warmup']} warmup + {c['iterations']} timed runs, CPU {c['cpu']}. Load time (DeepSparse: "
+             f"compilation) is apart from latency. CPU ms: process CPU time per run (all threads).\n\n"
+             + prefill_table(r["benchmark"]))
+    sections.append(("Speed", speed))
+    sections.append(("Against the paper", _paper_section(rows, s)))
+    return sections
+
+
+def _side_by_side(ppl, rows):
+    """One line per model: perplexity, then latency and speedup over dense on each runtime."""
+    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
+    by = {(r["model"], r["runtime"]): r for r in rows}
+    head = ["model", "perplexity"] + [f"{rt} {x}" for rt in runtimes for x in ("ms", "x dense")]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in dict.fromkeys(r["model"] for r in rows):
+        cells = [m, fmt(ppl.get(m, {}).get("perplexity"), ".2f")]
+        for rt in runtimes:
+            r = by.get((m, rt), {})
+            cells += [fmt(r.get("median_ms"), ".1f"), fmt(r.get("speedup_vs_baseline"), ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nLatency: median of the timed runs (see Speed); perplexity: see Perplexity."
+
+
+def _paper_section(rows, s):
+    ds = {r["model"]: r for r in rows if r["runtime"] == "deepsparse"}
+    ours = ds.get("sparse", {}).get("speedup_vs_baseline")
+    lines = ["| sparsity | DeepSparse speedup | 1/(1-s) limit | share of the limit |", "|---|---|---|---|"]
+    lines.append(f"| {s:.0%} (this run) | {fmt(ours, '.2f')}x | {1 / (1 - s):.2f}x | "
+                 f"{fmt(ours and ours * (1 - s), '.0%')} |")
+    for k, v in PAPER_OPT_2_7B.items():
+        lines.append(f"| {k:.0%} (paper, OPT-2.7B) | {v:.2f}x | {1 / (1 - k):.2f}x | {v * (1 - k):.0%} |")
+    note = ("The paper's numbers are end-to-end DeepSparse speedups of OPT-2.7B (SparseGPT, Frantar & "
+            "Alistarh 2023). 1/(1-s) is the most skipping zero weights can give if weight work were all the work.")
+    if ours is None:
+        note += " DeepSparse was not among the benchmarked runtimes."
+    return "\n".join(lines) + "\n\n" + note

@@ -1,0 +1,123 @@
+"""What `prune-and-export` takes, one typed object per target, with every default in one place.
+
+The CLI passes only what the user set (`build_options(target, **given)`); an option the chosen
+target does not use is a one-line error, never silently dropped.
+"""
+
+from dataclasses import dataclass, field, fields, replace
+
+from ..errors import UserError
+from ..pruning.recipe import Recipe, parse_pattern
+
+# why an option is refused by a target, where the generic "applies to the X target only" says too little
+_REFUSAL_HINTS = {
+    ("gpu", "int8"): "--int8 is for the cpu target (int8 matmuls in DeepSparse / ONNX Runtime); "
+                     "the gpu target writes 2:4 fp16 checkpoints",
+    ("gpu", "sparsity"): "--sparsity applies to the cpu target only; the gpu target prunes n:m (--pattern, "
+                         "default 2:4)",
+}
+
+
+@dataclass
+class CpuOptions:
+    """prune -> dense/sparse ONNX (+ int8, + KV-cache graphs) -> verify -> benchmark -> report."""
+
+    recipe: Recipe = field(default_factory=Recipe)
+    eval_data: str | None = None          # text for perplexity before/after (and the correctness inputs)
+    eval_seqlen: int = 2048
+    max_segments: int | None = None
+    runtimes: list[str] | None = None     # None: every installed CPU engine
+    bench_batch: int = 1
+    bench_seqlen: int = 400
+    warmup: int = 3
+    iterations: int = 20
+    logits: str = "last"
+    threads: int | None = None
+    force: bool = False
+    int8: bool = False                    # also prune onto the int8 grid and export onnx-int8/
+    fp32_attention: bool = False          # with int8: attention score matmuls stay fp32
+    generate: bool = True                 # also export KV-cache graphs and benchmark generation
+    prompt_tokens: int = 256
+    new_tokens: int = 128
+
+    def validate(self) -> "CpuOptions":
+        if self.fp32_attention and not self.int8:
+            raise UserError("--fp32-attention applies to --int8 only")
+        if self.int8:
+            if self.recipe.wbits not in (None, 8):
+                raise UserError(f"--int8 prunes onto the 8-bit grid; --wbits {self.recipe.wbits} contradicts it")
+            self.recipe = replace(self.recipe, wbits=8)
+        self.recipe.validate()
+        if self.generate and min(self.prompt_tokens, self.new_tokens - 1) < 1:
+            raise UserError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
+        if min(self.bench_batch, self.bench_seqlen, self.iterations) < 1 or self.warmup < 0:
+            raise UserError("--bench-batch, --bench-seqlen and --iterations must be >= 1, --warmup >= 0")
+        return self
+
+
+@dataclass
+class GpuOptions:
+    """prune n:m -> compressed-tensors checkpoint -> verify (round trip, 2:4 counted) -> benchmark -> report."""
+
+    recipe: Recipe = field(default_factory=lambda: Recipe(pattern="2:4"))
+    eval_data: str | None = None
+    eval_seqlen: int = 2048
+    max_segments: int | None = None
+    bench_batch: int = 1
+    bench_seqlen: int = 512
+    warmup: int = 3
+    iterations: int = 20
+    threads: int | None = None
+    force: bool = False
+
+    def validate(self) -> "GpuOptions":
+        n, m = parse_pattern(self.recipe.pattern)
+        if m != 4 or n < 2:
+            raise UserError(f"the GPU target needs a pattern with at least 2 zeros in every 4 (2:4), "
+                            f"not {self.recipe.pattern}")
+        self.recipe.validate()
+        if min(self.bench_batch, self.bench_seqlen, self.iterations) < 1 or self.warmup < 0:
+            raise UserError("--bench-batch, --bench-seqlen and --iterations must be >= 1, --warmup >= 0")
+        return self
+
+
+TARGETS = {"cpu": CpuOptions, "gpu": GpuOptions}
+RECIPE_FIELDS = tuple(f.name for f in fields(Recipe))
+# recipe fields a target fixes itself: the gpu target's sparsity is its n:m pattern
+_NOT_TAKEN = {"gpu": ("sparsity",)}
+
+
+def option_names(target: str) -> set[str]:
+    """Every option name a target takes (its own fields and the recipe's)."""
+    own = {f.name for f in fields(TARGETS[target])} - {"recipe"}
+    return own | (set(RECIPE_FIELDS) - set(_NOT_TAKEN.get(target, ())))
+
+
+_FLAGS = {"runtimes": "--runtime"}  # CLI flags whose name differs from the field
+
+
+def flag(name: str) -> str:
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
+
+
+def build_options(target: str, **given) -> CpuOptions | GpuOptions:
+    """The validated options of `target` from the options the user set (None: not set, default applies)."""
+    if target not in TARGETS:
+        raise UserError(f"unknown target '{target}' (choose from {', '.join(TARGETS)})")
+    given = {k: v for k, v in given.items() if v is not None}
+    takes = option_names(target)
+    for name in given:
+        if name not in takes:
+            other = next((t for t in TARGETS if t != target and name in option_names(t)), None)
+            raise UserError(_REFUSAL_HINTS.get((target, name))
+                            or f"{flag(name)} applies to the {other or 'other'} target only")
+    cls = TARGETS[target]
+    recipe = replace(cls().recipe, **{k: v for k, v in given.items() if k in RECIPE_FIELDS})
+    own = {k: v for k, v in given.items() if k not in RECIPE_FIELDS}
+    return cls(recipe=recipe, **own).validate()
+
+
+def default(target: str, name: str):
+    """The default of an option for `target` (for help texts)."""
+    opts = TARGETS[target]()
+    return getattr(opts.recipe, name) if name in RECIPE_FIELDS else getattr(opts, name)

@@ -1,0 +1,311 @@
+"""INT8 deployment folders: the fused graph form, exact weights, and agreement with the
+fake-quantized torch model in ONNX Runtime and DeepSparse.
+
+Tolerance: the engines and torch compute the same integers, so outputs differ only by float
+summation order and the rare activation that lands on the other side of a rounding step:
+max |engine - torch| <= 1e-3 * max |torch logits| (measured: about 3e-7 on these models).
+On a real model those few rounding differences spread through the layers; see
+pipeline.INT8_NOISE_FACTOR for the check used there.
+"""
+
+import importlib.util
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from sparse_export import models
+from sparse_export.pruning.jobs import prune
+from sparse_export.export.onnx_int8 import export_int8, read_qparams
+from sparse_export.outputs import read_meta
+from sparse_export.pruning.recipe import Recipe
+from sparse_export.export.int8_calib import activation_ranges, fake_int8, outlier_ratio
+
+RTOL = 1e-3
+QUIET = dict(log=lambda *a: None)
+
+
+@pytest.fixture(scope="module")
+def int8_dirs(tiny_dirs, text_file, tmp_path_factory):
+    """{case: (model folder, int8 deployment folder)}."""
+    root = tmp_path_factory.mktemp("int8")
+    out = {}
+    for case, arch, recipe in [("llama", "llama", dict(wbits=8)),
+                               ("opt-per-tensor", "opt", dict(wbits=8, per_channel=False)),
+                               ("gpt2", "gpt2", dict(wbits=8)),
+                               ("llama-fp32-pruned", "llama", {})]:
+        folder = root / f"{case}-pruned"
+        prune(tiny_dirs[arch], folder, Recipe(calib=str(text_file), nsamples=4, seqlen=64, **recipe), **QUIET)
+        export_int8(folder, root / f"{case}-int8", calib=str(text_file), nsamples=4, seqlen=64,
+                    logits="all", **QUIET)
+        out[case] = (folder, root / f"{case}-int8")
+    return out
+
+
+def load_graph(deploy):
+    import onnx
+
+    return onnx.load(str(deploy / "model.onnx"))
+
+
+def fake_quant_logits(folder, deploy, ids, meta=None):
+    """The torch model with grid weights and its activations quantized like the graph's."""
+    model, _ = models.load_model(folder)
+    meta = meta or read_meta(deploy)
+    qp, attn = read_qparams(meta)
+    if meta["int8"]["weight_source"] == "round-to-nearest":
+        from sparse_export.pruning.grid import round_weights
+
+        round_weights(model)
+    with torch.no_grad(), fake_int8(model, qp, attn):
+        return model(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+
+def inputs(batch=2, seqlen=24, seed=0):
+    ids = np.random.default_rng(seed).integers(1, 300, (batch, seqlen), dtype=np.int64)
+    return ids, np.ones_like(ids)
+
+
+@pytest.mark.parametrize("case", ["llama", "opt-per-tensor", "gpt2", "llama-fp32-pruned"])
+def test_graph_uses_the_fused_form(case, int8_dirs):
+    from onnx import numpy_helper
+
+    folder, deploy = int8_dirs[case]
+    g = load_graph(deploy).graph
+    ops = Counter(n.op_type for n in g.node)
+    model, _ = models.load_model(folder)
+    names = models.prunable_names(model)
+    attention = models.attention_names(model)
+    assert len(attention) == (0 if case == "gpt2" else 2)     # gpt2's attention is not the standard form
+    meta = read_meta(deploy)["int8"]
+    assert meta["fp32_linear"] == []                          # tiny random models: no outliers
+    assert sorted(meta["attention"]["qparams"]) == sorted(attention)
+    assert ops["MatMulInteger"] == len(names) + len(attention)
+    assert ops["DequantizeLinear"] == 0 and ops["QLinearMatMul"] == 0
+    assert ops["Softmax"] >= 2                               # softmax stays fp32
+    inits = {t.name: t for t in g.initializer}
+    by_input = {i: n for n in g.node for i in n.input}
+    producer = {o: n for n in g.node for o in n.output}
+    scores = 0
+    for node in (n for n in g.node if n.op_type == "MatMulInteger"):
+        cast = by_input[node.output[0]]
+        mul = by_input[cast.output[0]]
+        assert (cast.op_type, mul.op_type) == ("Cast", "Mul")
+        assert producer[node.input[0]].op_type == "QuantizeLinear"
+        if node.input[1] in inits:                           # a Linear layer: int8 weights
+            assert numpy_helper.to_array(inits[node.input[1]]).dtype == np.int8
+            continue
+        # an attention score matmul: query and key both quantized here, the result goes on to softmax
+        key_quant = producer[node.input[1]]
+        assert key_quant.op_type == "QuantizeLinear"
+        assert numpy_helper.to_array(inits[key_quant.input[2]]).dtype == np.int8
+        after = mul
+        while after.op_type != "Softmax":
+            after = by_input[after.output[0]]
+            assert after.op_type in ("Mul", "Add", "Softmax")
+        scores += 1
+    assert scores == len(attention)
+    # the only fp32 matrix left in a MatMul is the LM head; the other attention matmul reads no weights
+    fp32_weights = [n for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
+    assert len(fp32_weights) == 1
+    # per-tensor weight scales give a scalar rescale (attention's rescale is always a scalar)
+    muls = [numpy_helper.to_array(inits[n.input[1]]) for n in g.node
+            if n.op_type == "Mul" and n.input[1].endswith(".rescale") and ".scores." not in n.input[1]]
+    assert len(muls) == len(names)
+    assert all((m.ndim == 0) == (case == "opt-per-tensor") for m in muls)
+
+
+@pytest.mark.parametrize("case", ["llama", "opt-per-tensor"])
+def test_int8_weights_are_exact_and_keep_every_zero(case, int8_dirs):
+    from onnx import numpy_helper
+
+    folder, deploy = int8_dirs[case]
+    model, _ = models.load_model(folder)
+    src = read_meta(folder)
+    meta = read_meta(deploy)
+    assert meta["int8"]["weight_source"] == "recorded"
+    inits = {t.name: numpy_helper.to_array(t) for t in load_graph(deploy).graph.initializer}
+    rows = {r["module"]: (name, r) for name, r in meta["weights"].items() if r.get("prunable")}
+    for module in models.prunable_names(model):
+        name, row = rows[module]
+        ints = torch.from_numpy(inits[name].T.astype(np.float32))          # out x in
+        scale = torch.tensor(src["matrices"][module]["scale"]).reshape(-1, 1)
+        W = models.weight_2d(model.get_submodule(module))
+        assert torch.equal(ints * scale, W), module
+        assert row["zeros"] == int((W == 0).sum())
+    assert meta["prunable_sparsity"] >= 0.5
+
+
+@pytest.mark.parametrize("case", ["llama", "opt-per-tensor", "gpt2", "llama-fp32-pruned"])
+def test_onnxruntime_matches_fake_quantized_torch(case, int8_dirs):
+    from sparse_export.runtimes import get_runtime
+
+    folder, deploy = int8_dirs[case]
+    ids, mask = inputs()
+    rt = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24)
+    out = rt.run(ids, mask)
+    ref = fake_quant_logits(folder, deploy, ids)
+    err = np.abs(out - ref).max()
+    assert err <= RTOL * np.abs(ref).max()
+    # and activations are really quantized: the model without it is much further away
+    model, _ = models.load_model(folder)
+    with torch.no_grad():
+        fp32 = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(out - fp32).max() > 100 * err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("deepsparse") is None, reason="deepsparse not installed")
+def test_deepsparse_matches_fake_quantized_torch(int8_dirs):
+    from sparse_export.runtimes import get_runtime
+
+    folder, deploy = int8_dirs["llama"]
+    ids, mask = inputs(1, 32)
+    rt = get_runtime("deepsparse")(deploy, batch=1, seqlen=32, threads=1)
+    out = rt.run(ids, mask)
+    ref = fake_quant_logits(folder, deploy, ids)
+    assert out.shape == ref.shape
+    assert np.abs(out - ref).max() <= RTOL * np.abs(ref).max()
+
+
+def test_percentile_ranges_clip_outliers(tiny_dirs):
+    model, _ = models.load_model(tiny_dirs["llama"])
+    names = models.prunable_names(model)[:3]
+    ids = torch.randint(1, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    r = activation_ranges(model, ids, names, percentile=99.0)
+    for n in names:
+        assert r[n]["min"] < r[n]["lo"] < 0 < r[n]["hi"] < r[n]["max"]
+        assert outlier_ratio(r[n]) > 1
+
+
+def test_outlier_layers_stay_fp32(int8_dirs, text_file, tmp_path):
+    """Layers past the outlier ratio keep an fp32 MatMul; the rest are int8; ORT still matches torch.
+    (Attention kept fp32 here, so every MatMulInteger is a Linear layer.)"""
+    from sparse_export import data
+    from sparse_export.runtimes import get_runtime
+
+    folder, _ = int8_dirs["llama"]
+    model, tok = models.load_model(folder)
+    names = models.prunable_names(model)
+    windows = data.calibration_windows(str(text_file), tok, 4, 64, 0)
+    ratios = sorted(outlier_ratio(r) for r in activation_ranges(model, windows, names).values())
+    threshold = (ratios[len(ratios) // 2] + ratios[len(ratios) // 2 + 1]) / 2
+    deploy = tmp_path / "d"
+    meta = export_int8(folder, deploy, calib=str(text_file), nsamples=4, seqlen=64, logits="all",
+                       outlier_ratio=threshold, attention=False, **QUIET)
+    fp32 = meta["int8"]["fp32_linear"]
+    assert meta["int8"]["attention"]["score_matmul"] == "fp32" and not meta["int8"]["attention"]["qparams"]
+    assert 0 < len(fp32) < len(names)
+    ops = Counter(n.op_type for n in load_graph(deploy).graph.node)
+    assert ops["MatMulInteger"] == len(names) - len(fp32) == meta["int8"]["matmul_integer"]
+    assert set(meta["int8"]["activations"]["qparams"]) == set(names) - set(fp32)
+    assert meta["prunable_matrices"] == len(names) and meta["prunable_sparsity"] >= 0.5
+    ids, mask = inputs()
+    out = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24).run(ids, mask)
+    ref = fake_quant_logits(folder, deploy, ids)
+    assert np.abs(out - ref).max() <= RTOL * np.abs(ref).max()
+
+
+# ---- CLI ----------------------------------------------------------------------------------
+
+def one_line_error(capsys):
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+def test_cli_export_int8(int8_dirs, text_file, tmp_path, capsys):
+    from sparse_export.cli.main import main
+
+    folder, _ = int8_dirs["llama"]
+    out = tmp_path / "d"
+    rc = main(["export", "onnx", str(folder), "--int8", "--out", str(out), "--calib", str(text_file),
+               "--nsamples", "2", "--calib-seqlen", "32"])
+    assert rc == 0
+    meta = read_meta(out)
+    assert meta["int8"]["matmul_integer"] == 14 and meta["int8"]["weight_source"] == "recorded"
+    assert meta["int8"]["calibration"]["nsamples"] == 2 and meta["logits"] == "last"
+    assert meta["int8"]["attention"]["score_matmul"] == "int8" and len(meta["int8"]["attention"]["qparams"]) == 2
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--int8", "--kv-cache"], "--kv-cache"),
+    (["--nsamples", "4"], "--int8 only"),
+    (["--int8", "--calib", "no/such/file.txt"], "not found"),
+    (["--int8", "--percentile", "30"], "--percentile"),
+    (["--outlier-ratio", "3"], "--int8 only"),
+    (["--fp32-attention"], "--int8 only"),
+])
+def test_cli_export_int8_bad_options(args, words, int8_dirs, tmp_path, capsys):
+    from sparse_export.cli.main import main
+
+    folder, _ = int8_dirs["llama"]
+    out = tmp_path / "d"
+    assert main(["export", "onnx", str(folder), "--out", str(out), *args]) == 2
+    assert words in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_cli_int8_needs_the_cpu_target(tiny_dirs, text_file, tmp_path, capsys):
+    from sparse_export.cli.main import main
+
+    out = tmp_path / "p"
+    rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--target", "gpu", "--int8", "--out", str(out),
+               "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32"])
+    assert rc == 2
+    assert "--int8 is for the cpu target" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_cli_fp32_attention_needs_int8(tiny_dirs, text_file, tmp_path, capsys):
+    from sparse_export.cli.main import main
+
+    out = tmp_path / "p"
+    rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--fp32-attention", "--out", str(out),
+               "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32"])
+    assert rc == 2
+    assert "--fp32-attention applies to --int8 only" in one_line_error(capsys)
+    assert not out.exists()
+
+
+def test_graph_quantizes_the_attention_scores_like_torch(int8_dirs):
+    """The graph's int8 score matmuls compute what quant.fake_int8 does in torch: ONNX Runtime agrees
+    with the torch model whose query/key are fake-quantized far better than with the one whose are not."""
+    from sparse_export.runtimes import get_runtime
+
+    folder, deploy = int8_dirs["llama"]
+    ids, mask = inputs()
+    out = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24).run(ids, mask)
+    with_attn = fake_quant_logits(folder, deploy, ids)
+    meta = read_meta(deploy)
+    meta["int8"]["attention"]["qparams"] = {}
+    without = fake_quant_logits(folder, deploy, ids, meta=meta)
+    err = np.abs(out - with_attn).max()
+    assert err <= RTOL * np.abs(with_attn).max()
+    assert np.abs(with_attn - without).max() > 20 * err
+
+
+def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys):
+    import json
+
+    from sparse_export.cli.main import main
+
+    out = tmp_path / "p"
+    rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--target", "cpu", "--sparsity", "0.5", "--int8",
+               "--out", str(out), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
+               "--eval-data", str(text_file), "--eval-seqlen", "64", "--max-segments", "2",
+               "--runtime", "onnxruntime", "--iterations", "2", "--bench-seqlen", "32", "--threads", "1", "--no-generate"])
+    assert rc == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["wbits"] == 8
+    assert set(report["verify"]["perplexity"]) == {"dense", "sparse", "int8"}
+    assert {r["model"] for r in report["benchmark"]["rows"]} == {"dense", "sparse", "int8"}
+    assert read_meta(out / "onnx-int8")["int8"]["matmul_integer"] == 14
+    md = (out / "report.md").read_text()
+    assert "int8" in md and "MatMulInteger" in md and "Attention score matmuls (query x key): int8" in md
+    assert report["export"]["int8"]["quant"]["attention"] == {
+        "score_matmul": "int8", "query": "uint8 per-tensor", "key": "int8 symmetric per-tensor",
+        "probabilities_x_values": "fp32"}
+    side = md.split("## Side by side")[1].split("##")[0]  # perplexity and speed of the three models together
+    assert [line.split("|")[1].strip() for line in side.strip().splitlines()[2:5]] == ["dense", "sparse", "int8"]
+    assert f"| {report['verify']['perplexity']['int8']['perplexity']:.2f} |" in side
