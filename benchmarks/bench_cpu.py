@@ -25,13 +25,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sparse_export import bench, data, jobs, models  # noqa: E402
-from sparse_export.onnx_export import export_onnx  # noqa: E402
-from sparse_export.outputs import library_versions  # noqa: E402
-from sparse_export.pipeline import PAPER_OPT_2_7B  # noqa: E402
-from sparse_export.prune import Recipe  # noqa: E402
+from sparse_export import data, models
+from sparse_export.measure import prefill as bench
+from sparse_export.outputs import cpu_name, write_json
+from sparse_export.pruning import jobs
+from sparse_export.report import table
+from sparse_export.export.onnx_plain import export_onnx
+from sparse_export.outputs import library_versions
+from sparse_export.targets.cpu import PAPER_OPT_2_7B
+from sparse_export.pruning.recipe import Recipe
 
 SETTINGS = {
     "quick": dict(method="magnitude", sparsities=[0.5], variants=["last", "none"], seqlen=128, warmup=1, iterations=3,
@@ -87,7 +90,7 @@ def wide_models(work, cfg, tokenizer):
                            max_position_embeddings=2048)
         model = OPTForCausalLM(config).eval()
         # the tokenizer only completes the folder: the inputs are random ids below vocab_size
-        jobs.save_model_folder(model, tokenizer, dense, {"kind": "dense-model", "source_model": "random"})
+        models.save_model_folder(model, tokenizer, dense, {"kind": "dense-model", "source_model": "random"})
     folders = {"dense": dense}
     for s in cfg["wide_sparsities"]:
         out = work / f"wide-magnitude-{label(s)[:-1]}"
@@ -109,9 +112,9 @@ def deploy(folders, variant, work):
 def measure(deployments, cfg, threads, references):
     """DeepSparse on every model, dense ONNX Runtime (bench adds it), and `references` runtimes on dense."""
     kw = dict(batch=1, seqlen=cfg["seqlen"], warmup=cfg["warmup"], iterations=cfg["iterations"], threads=threads)
-    res = bench.benchmark(deployments, ["deepsparse"], baseline="dense", **kw)
+    res = bench.benchmark_prefill(deployments, ["deepsparse"], baseline="dense", **kw)
     if references:
-        res["rows"] += bench.benchmark({"dense": deployments["dense"]}, references, **kw)["rows"]
+        res["rows"] += bench.benchmark_prefill({"dense": deployments["dense"]}, references, **kw)["rows"]
     bench.add_speedups(res["rows"], "dense")
     return res
 
@@ -141,11 +144,11 @@ def main():
 
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    config = {"setting": setting, **cfg, "batch": 1, "threads": args.threads or "all", "cpu": bench._cpu_name()}
+    config = {"setting": setting, **cfg, "batch": 1, "threads": args.threads or "all", "cpu": cpu_name()}
     out = {"config": config, "results": results,
            "bar": bar_check(results), "versions": library_versions(), "wall_s": time.perf_counter() - t0}
-    jobs.dump(out, res_dir / f"cpu-{setting}.json")
-    bench.plot(results["last"], res_dir / f"cpu-{setting}.png",
+    write_json(res_dir / f"cpu-{setting}.json", out)
+    bench.plot_prefill(results["last"], res_dir / f"cpu-{setting}.png",
                title=f"SmolLM2-135M, last-token logits, 1x{cfg['seqlen']} tokens")
     md = report(out)
     (res_dir / f"cpu-{setting}.md").write_text(md)
@@ -181,9 +184,9 @@ def report(out):
              "median wall time, CPU ms = process CPU time per run. Load s = DeepSparse compilation. "
              "The machine may be shared: compare within one table.", ""]
     for variant in c["variants"]:
-        lines += [f"## SmolLM2-135M ({c['method']}), {VARIANT_NAMES[variant]}", "", jobs.format_table(res[variant]["rows"], cols), ""]
+        lines += [f"## SmolLM2-135M ({c['method']}), {VARIANT_NAMES[variant]}", "", table(res[variant]["rows"], cols), ""]
     lines += ["## The bar: end-to-end vs decoder stack alone (DeepSparse)", "",
-              jobs.format_table(out["bar"], [("sparsity", "sparsity"), ("end-to-end (last-token)", "end_to_end"),
+              table(out["bar"], [("sparsity", "sparsity"), ("end-to-end (last-token)", "end_to_end"),
                                              ("decoder stack alone", "decoder_stack"), ("ratio", "ratio"),
                                              ("1/(1-s)", "limit"), ("bar (>= 0.9)", "bar")]), ""]
     w = c["wide"]
@@ -193,7 +196,7 @@ def report(out):
         wide.append({**r, "paper": PAPER_OPT_2_7B.get(s, ""), "limit": 1 / (1 - s) if s else ""})
     lines += [f"## Wide layers: random weights, hidden {w['hidden']}, FFN {w['ffn']}, {w['layers']} layers, "
               "no LM head (magnitude-pruned)", "",
-              jobs.format_table(wide, cols + [("1/(1-s)", "limit"), ("paper OPT-2.7B e2e", "paper")]), "",
+              table(wide, cols + [("1/(1-s)", "limit"), ("paper OPT-2.7B e2e", "paper")]), "",
               "Paper: SparseGPT (Frantar & Alistarh 2023), end-to-end DeepSparse speedups on OPT-2.7B: "
               + ", ".join(f"{k:.0%} {v}x" for k, v in PAPER_OPT_2_7B.items()) + ".", ""]
     return "\n".join(lines) + "\n"

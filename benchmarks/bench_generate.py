@@ -22,14 +22,16 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sparse_export import bench_generate as bg  # noqa: E402
-from sparse_export import bench, data, jobs, models  # noqa: E402
-from sparse_export.generate import KVSession, eos_ids, generate_ids  # noqa: E402
-from sparse_export.onnx_kv import export_kv_onnx  # noqa: E402
-from sparse_export.outputs import library_versions  # noqa: E402
-from sparse_export.prune import Recipe  # noqa: E402
+from sparse_export.measure import generation as bg
+from sparse_export import data, models
+from sparse_export.outputs import cpu_name, write_json
+from sparse_export.pruning import jobs
+from sparse_export.report import table
+from sparse_export.runtimes.generate import KVSession, eos_ids, generate_ids
+from sparse_export.export.onnx_kv import export_kv_onnx
+from sparse_export.outputs import library_versions
+from sparse_export.pruning.recipe import Recipe
 
 SETTINGS = {
     "quick": dict(sparsities=[0.5], prompt_tokens=64, new_tokens=32, iterations=2, nsamples=8, seqlen=256,
@@ -78,9 +80,9 @@ def main():
             export_kv_onnx(folder, deploy[name], max_length)
 
     # timing first: per runtime all models loaded together and timed interleaved, DeepSparse in a child
-    # process (sparse_export.bench_generate.benchmark, what `benchmark --mode generate` runs)
+    # process (measure.generation.benchmark_generation, what `benchmark --mode generate` runs)
     print(f"timing {', '.join(deploy)} on {', '.join(runtimes)} ...", flush=True)
-    rows = bg.benchmark(deploy, runtimes, "dense", cfg["prompt_tokens"], cfg["new_tokens"],
+    rows = bg.benchmark_generation(deploy, runtimes, "dense", cfg["prompt_tokens"], cfg["new_tokens"],
                         iterations=cfg["iterations"], threads=args.threads)["rows"]
 
     # then greedy output of the graphs vs transformers on real text
@@ -108,14 +110,14 @@ def main():
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     config = {"mode": "generate", "setting": setting, **cfg, "max_length": max_length, "batch": 1,
-              "threads": args.threads or "all", "baseline": "dense", "cpu": bench._cpu_name(),
+              "threads": args.threads or "all", "baseline": "dense", "cpu": cpu_name(),
               "calibration": calib.name,
               "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}  # a shared machine shows here
     result = {"config": config, "rows": rows, "greedy_checks": checks, "profiles": profiles,
               "versions": library_versions(), "wall_s": time.perf_counter() - t_start}
-    bg.plot(result, res_dir / f"generate-{setting}.png",
+    bg.plot_generation(result, res_dir / f"generate-{setting}.png",
             title=f"SmolLM2-135M decode, {cfg['prompt_tokens']}-token prompt + {cfg['new_tokens']} new")
-    jobs.dump(result, res_dir / f"generate-{setting}.json")
+    write_json(res_dir / f"generate-{setting}.json", result)
     md = report(result)
     (res_dir / f"generate-{setting}.md").write_text(md)
     print(md)
@@ -150,7 +152,7 @@ def report(res):
              "(the prompt's forward pass through the KV-cache graph, full-vocabulary logits). Weight bytes: "
              "all weight initializers stored as fp32 nonzeros + a 1-bit mask, over dense fp32. Load s: "
              "compiling (DeepSparse: both shapes) or loading the graph.", "",
-             jobs.format_table(res["rows"], cols), "", "## Greedy output vs transformers", ""]
+             table(res["rows"], cols), "", "## Greedy output vs transformers", ""]
     for c in res["greedy_checks"]:
         verdict = "equal, token for token" if c["equal"] else f"DIFFERS from token {c['first_difference']}"
         lines.append(f"- {c['model']} on {c['runtime']}: {c['tokens']} tokens, {verdict}")

@@ -23,7 +23,6 @@ import copy
 import gc
 import json
 import math
-import sys
 import time
 import traceback
 from pathlib import Path
@@ -31,9 +30,8 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sparse_export.outputs import library_versions, write_json  # noqa: E402
+from sparse_export.outputs import library_versions, write_json
 
 RESULTS = ROOT / "benchmarks" / "results"
 TOKENS = 2048
@@ -93,7 +91,7 @@ def usable(errors):
 
 def prune_24(w):
     """Magnitude 2:4 (keep the 2 largest of every 4 along the input dim), the project's pruner."""
-    from sparse_export.sparsegpt import magnitude
+    from sparse_export.pruning.pruners import magnitude
 
     return magnitude(w, n=2, m=4)[0].to(w.dtype)
 
@@ -234,7 +232,7 @@ def build_model(model_type, config_kw):
 
 def eager_ms(model, ids, mask, warmup, iterations):
     """Prefill through the export wrapper (what the torch-sparse24 runtime runs), eager."""
-    from sparse_export.onnx_export import ExportModule
+    from sparse_export.export.graph import ExportModule
 
     run = ExportModule(model, "last")
     out = run(ids, mask)

@@ -25,14 +25,19 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sparse_export import bench, data, jobs, models  # noqa: E402
-from sparse_export.onnx_export import export_onnx  # noqa: E402
-from sparse_export.onnx_int8 import OUTLIER_RATIO, export_int8, prepare_int8  # noqa: E402
-from sparse_export.outputs import read_meta  # noqa: E402
-from sparse_export.prune import Recipe  # noqa: E402
-from sparse_export.quant import fake_int8, round_pruned_folder  # noqa: E402
+from sparse_export import data, models
+from sparse_export.evaluate import evaluate
+from sparse_export.measure import prefill as bench
+from sparse_export.outputs import write_json
+from sparse_export.pruning import jobs
+from sparse_export.report import table
+from sparse_export.export.onnx_plain import export_onnx
+from sparse_export.export.onnx_int8 import OUTLIER_RATIO, export_int8, prepare_int8
+from sparse_export.outputs import read_meta
+from sparse_export.pruning.recipe import Recipe
+from sparse_export.export.int8_calib import fake_int8
+from sparse_export.pruning.jobs import round_pruned_folder
 
 ALL_SPEED = ["dense-fp32", "sparse50-fp32", "int8-dense", "int8-50", "int8-70"]
 SETTINGS = {
@@ -121,7 +126,7 @@ def main():
             _, qp, attn, _, fp32_layers[label] = prepare_int8(model, read_meta(folder), windows, act["percentile"],
                                                               outliers, attention=attention and act["attention"])
         with fake_int8(model, qp, attn):
-            res = jobs.evaluate(folder, wiki, cfg["eval_seqlen"], cfg["eval_windows"], model=model, tokenizer=tok)
+            res = evaluate(folder, wiki, cfg["eval_seqlen"], cfg["eval_windows"], model=model, tokenizer=tok)
         ppl[label] = res["perplexity"]
         step(f"perplexity {label}: {res['perplexity']:.3f}")
 
@@ -162,7 +167,7 @@ def main():
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
     stem = "int8-quick" if args.quick else "int8"
-    jobs.dump(result, res_dir / f"{stem}.json")
+    write_json(res_dir / f"{stem}.json", result)
     md = [f"# Sparse INT8 on CPU ({setting}): SmolLM2-135M",
           "",
           f"Calibration: {cfg['nsamples']} x {cfg['seqlen']} C4 tokens (pruning), {cfg['act_nsamples']} x "
@@ -172,7 +177,7 @@ def main():
           "",
           "## Perplexity",
           "",
-          jobs.format_table(ppl_rows, [("model", "model"), ("perplexity", "perplexity"),
+          table(ppl_rows, [("model", "model"), ("perplexity", "perplexity"),
                                        ("vs SparseGPT 50% fp32", "vs SparseGPT 50% fp32"),
                                        ("fp32 Linear layers", "fp32 Linear")]),
           "",
@@ -184,7 +189,7 @@ def main():
           "",
           "## Speed: last-token logits, 1 x 400 tokens",
           "",
-          bench.table(speed),
+          bench.prefill_table(speed),
           "",
           "## Bars (issue 7)",
           "",
@@ -216,7 +221,7 @@ def deploy_and_time(args, cfg, work, folders, dense, act, step):
             export_onnx(src, deploy[label], logits="last", **quiet)
     runtimes = [r for r in args.runtimes.split(",") if r]
     step(f"timing {', '.join(deploy)} on {', '.join(runtimes)}")
-    speed = bench.benchmark(deploy, runtimes, baseline="dense-fp32", batch=1, seqlen=400,
+    speed = bench.benchmark_prefill(deploy, runtimes, baseline="dense-fp32", batch=1, seqlen=400,
                             warmup=cfg["warmup"], iterations=cfg["iterations"], threads=args.threads,
                             progress=False, log=lambda *a: None)
 
@@ -240,12 +245,11 @@ def speed_only(args, cfg, work, folders, dense, act, step):
     checks = speed_checks(speed)
     stem = f"int8-speed-threads{args.threads or 'all'}"
     res_dir = ROOT / "benchmarks" / "results"
-    jobs.dump({"threads": args.threads or "all", "speed": {**speed, "rows": [
-        {k: v for k, v in r.items() if k != "output"} for r in speed["rows"]]}, "bars": checks},
-        res_dir / f"{stem}.json")
+    write_json(res_dir / f"{stem}.json", {"threads": args.threads or "all", "speed": {**speed, "rows": [
+        {k: v for k, v in r.items() if k != "output"} for r in speed["rows"]]}, "bars": checks})
     md = [f"# Sparse INT8 on CPU, speed only, threads: {args.threads or 'all'}: SmolLM2-135M", "",
           "Same deployments as `int8.md` (last-token logits, 1 x 400 tokens); the models of one runtime are "
-          "timed interleaved.", "", bench.table(speed), "", "## Bars (issue 7)", "",
+          "timed interleaved.", "", bench.prefill_table(speed), "", "## Bars (issue 7)", "",
           *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()], ""]
     if args.profile:
         for label in ("dense-fp32", "int8-50"):
@@ -262,7 +266,7 @@ def profile(deploy_dir, threads):
 
     from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy, layer_profile
 
-    ids = bench.random_inputs(49152, 1, 400)[0]
+    ids = data.random_tokens(49152, 1, 400)[0]
     with tempfile.TemporaryDirectory() as tmp:
         path = fixed_shape_copy(Path(deploy_dir) / "model.onnx", 1, 400, tmp)
         return layer_profile(path, [ids, np.ones_like(ids)], threads, iterations=10, warmup=2)

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from sparse_export import bench, data, jobs  # noqa: E402
+from sparse_export import data
+from sparse_export.evaluate import evaluate
+from sparse_export.outputs import cpu_name, write_json
+from sparse_export.pruning import jobs
+from sparse_export.report import table
 
 SETTINGS = {  # calibration windows x tokens, evaluation windows x tokens
     "quick": dict(nsamples=16, seqlen=512, eval_seqlen=2048, eval_windows=6),
@@ -63,13 +66,13 @@ def main():
     dense_dir = work / "dense"
     jobs.plain_copy("smollm2", dense_dir)               # GGUF -> plain folder once; runs load it fast
 
-    def evaluate(folder, name):
+    def perplexity(folder, name):
         torch.set_num_threads(args.eval_threads)       # evaluation time is not measured
-        res = jobs.evaluate(folder, wiki, cfg["eval_seqlen"], cfg["eval_windows"])
+        res = evaluate(folder, wiki, cfg["eval_seqlen"], cfg["eval_windows"])
         print(f"  {name}: perplexity {res['perplexity']:.2f}", flush=True)
         return res
 
-    rows = [{"run": "dense", **_ppl(evaluate(dense_dir, "dense"))}]
+    rows = [{"run": "dense", **_ppl(perplexity(dense_dir, "dense"))}]
     for method in args.methods.split(","):
         for pat in args.patterns.split(","):
             name = f"{method} {pat}"
@@ -86,7 +89,7 @@ def main():
             row = {"run": name, "prune_wall_s": t["prune_wall_s"], "prune_cpu_s": t["prune_cpu_s"],
                    "peak_gib": meta["peak_memory_gib"], "sparsity": meta["pruned_sparsity"],
                    "mode": meta["calibration_mode"], "process_wall_s": time.perf_counter() - t0}
-            row.update(_ppl(evaluate(out, name)))
+            row.update(_ppl(perplexity(out, name)))
             rows.append(row)
     for r in rows:
         for k, v in PEERS.get(r["run"], {}).items():
@@ -100,21 +103,21 @@ def main():
     result = {"setting": args.setting, **cfg, "threads": args.threads, "seed": args.seed,
               "calibration": str(calib.name), "evaluation": str(wiki.name),
               "eval_tokens": cfg["eval_seqlen"] * cfg["eval_windows"], "rows": rows,
-              "cpu": bench._cpu_name()}
+              "cpu": cpu_name()}
     cols = [("run", "run"), ("perplexity", "perplexity"), ("reference ppl", "peer_reference"),
             ("ppl vs ref", "ppl_vs_reference"), ("prune wall s", "prune_wall_s"),
             ("prune CPU s", "prune_cpu_s"), ("CPU vs ref", "cpu_vs_reference"), ("peak GiB", "peak_gib"),
             ("sparsity", "sparsity"), ("calibration", "mode")]
-    table = jobs.format_table(rows, cols)
-    print(table)
+    text = table(rows, cols)
+    print(text)
     stem = f"prune-{args.setting}" + ("-wikicalib" if args.calib == "wikitext2" else "")
     res_dir = ROOT / "benchmarks" / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    jobs.dump(result, res_dir / f"{stem}.json")
+    write_json(res_dir / f"{stem}.json", result)
     (res_dir / f"{stem}.md").write_text(
         f"# Pruning benchmark ({args.setting}): SmolLM2-135M, {cfg['nsamples']} x {cfg['seqlen']} {args.calib} "
         f"calibration tokens, WikiText-2 {cfg['eval_windows']} x {cfg['eval_seqlen']} evaluation tokens, "
-        f"{args.threads} thread(s)\n\n{table}\n")
+        f"{args.threads} thread(s)\n\n{text}\n")
 
 
 def _ppl(res):

@@ -71,7 +71,7 @@ class Arch:
         raise NotImplementedError
 
 
-def rope_context(rotary_emb, pos, head_dim):
+def rope_context(rotary_emb, pos: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
     """(cos, sin, rotated dims, partial) for rotary() from the model's rotary module."""
     rot = 2 * rotary_emb.inv_freq.numel()
     return (*rope_tables(rotary_emb, pos), rot, rot < head_dim)

@@ -35,7 +35,7 @@ PARTS = ("compressed", "bitmask", "shape", "row_offsets")
 
 # ---- bitmasks and one weight ----
 
-def pack_bits(mask):
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """bool rows x cols -> uint8 rows x ceil(cols/8), little-endian bit order within a byte."""
     rows, cols = mask.shape
     padded = torch.zeros(rows, -(-cols // 8) * 8, dtype=torch.uint8)
@@ -44,17 +44,17 @@ def pack_bits(mask):
     return (padded.view(rows, -1, 8) * weights).sum(dim=2, dtype=torch.uint8)
 
 
-def unpack_bits(packed, cols):
+def unpack_bits(packed: torch.Tensor, cols: int) -> torch.Tensor:
     bits = (packed.unsqueeze(-1) >> torch.arange(8, dtype=torch.uint8)) & 1
     return bits.reshape(packed.shape[0], -1)[:, :cols].bool()
 
 
-def is_24(w):
+def is_24(w: torch.Tensor) -> bool:
     """Every group of 4 consecutive values along the last dim has at least 2 zeros."""
     return w.dim() == 2 and w.shape[1] % 4 == 0 and bool(((w.reshape(-1, 4) == 0).sum(1) >= 2).all())
 
 
-def compress_weight(w, fmt):
+def compress_weight(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
     """{part: tensor} for one 2-D weight (part names without the module prefix)."""
     rows, cols = w.shape
     if fmt == "sparse-24-bitmask":
@@ -70,7 +70,7 @@ def compress_weight(w, fmt):
             "row_offsets": torch.cumsum(counts, 0) - counts}
 
 
-def decompress_weight(parts):
+def decompress_weight(parts: dict[str, torch.Tensor]) -> torch.Tensor:
     """Dense weight from {compressed, bitmask, shape[, row_offsets]} (both sparse formats)."""
     rows, cols = (int(x) for x in parts["shape"].flatten())
     mask = unpack_bits(parts["bitmask"], cols)
@@ -84,7 +84,7 @@ def decompress_weight(parts):
 
 # ---- reading a folder ----
 
-def weight_files(folder):
+def weight_files(folder) -> list[Path]:
     folder = Path(folder)
     index = folder / "model.safetensors.index.json"
     if index.is_file():
@@ -95,11 +95,11 @@ def weight_files(folder):
     return files
 
 
-def is_compressed_folder(folder):
+def is_compressed_folder(folder) -> bool:
     return compression_config(folder) is not None
 
 
-def compression_config(folder):
+def compression_config(folder) -> dict | None:
     """The compressed-tensors config of a folder with a sparsity config, else None."""
     cfg = Path(folder) / "config.json"
     if not cfg.is_file():
@@ -112,7 +112,7 @@ def compression_config(folder):
     return qc if isinstance(qc, dict) and qc.get("sparsity_config") else None
 
 
-def read_parts(folder):
+def read_parts(folder) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
     """({module: {part: tensor}} of the compressed weights, {key: tensor} of the rest)."""
     from safetensors.torch import load_file
 
@@ -129,7 +129,7 @@ def read_parts(folder):
     return grouped, plain
 
 
-def read_state_dict(folder):
+def read_state_dict(folder) -> dict[str, torch.Tensor]:
     """The dense state dict of a compressed folder (compressed weights decompressed)."""
     grouped, out = read_parts(folder)
     for prefix, parts in grouped.items():
@@ -137,7 +137,7 @@ def read_state_dict(folder):
     return out
 
 
-def load_compressed(folder, dtype="auto"):
+def load_compressed(folder, dtype: str | None = "auto") -> tuple:
     """(model, tokenizer) of a compressed-tensors folder, as a plain transformers model."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

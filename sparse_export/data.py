@@ -13,7 +13,7 @@ HUB_SOURCES = ("wikitext2", "c4")
 SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 
 
-def check_source(source, allow_self=False):
+def check_source(source, allow_self: bool = False) -> None:
     """Fail fast (before loading a model) on a data source that cannot work."""
     source = str(source)
     if source in HUB_SOURCES or (allow_self and source == "self"):
@@ -23,7 +23,7 @@ def check_source(source, allow_self=False):
         raise UserError(f"data file not found: {source} (or use one of: {', '.join(HUB_SOURCES)}{extra})")
 
 
-def read_texts(source, split="test"):
+def read_texts(source, split: str = "test") -> list[str]:
     """List of documents from a SOURCE (wikitext2 | c4 | path.txt | path.jsonl)."""
     source = str(source)
     if source in HUB_SOURCES:
@@ -65,7 +65,7 @@ def _hub_texts(name, split):
                         "pass a local .txt or .jsonl file instead") from None
 
 
-def tokenize_stream(texts, tokenizer):
+def tokenize_stream(texts: list[str], tokenizer) -> torch.Tensor:
     """Join documents with blank lines and tokenize once: the standard perplexity recipe."""
     text = "\n\n".join(texts)
     if not text.strip():
@@ -80,7 +80,7 @@ def tokenize_stream(texts, tokenizer):
     return ids
 
 
-def calibration_windows(source, tokenizer, nsamples, seqlen, seed, model=None):
+def calibration_windows(source, tokenizer, nsamples: int, seqlen: int, seed: int, model=None) -> torch.Tensor:
     """`nsamples` windows of `seqlen` tokens drawn with `seed`: LongTensor [nsamples, seqlen]."""
     if nsamples < 1 or seqlen < 2:
         raise UserError("--nsamples must be >= 1 and --seqlen >= 2")
@@ -103,7 +103,7 @@ def calibration_windows(source, tokenizer, nsamples, seqlen, seed, model=None):
 
 
 @torch.no_grad()
-def self_generated(model, tokenizer, nsamples, seqlen, seed, batch=8):
+def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 8) -> torch.Tensor:
     """Calibration text the model writes itself, from random first tokens (data-free calibration)."""
     from tqdm import tqdm
 
@@ -126,7 +126,7 @@ def self_generated(model, tokenizer, nsamples, seqlen, seed, batch=8):
     return torch.cat(out)
 
 
-def eval_windows(source, tokenizer, seqlen, max_segments=None):
+def eval_windows(source, tokenizer, seqlen: int, max_segments: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of `seqlen` tokens over the whole evaluation text."""
     ids = tokenize_stream(read_texts(source, split="test"), tokenizer)
     count = ids.numel() // seqlen
@@ -137,7 +137,7 @@ def eval_windows(source, tokenizer, seqlen, max_segments=None):
     return ids[: count * seqlen].view(count, seqlen)
 
 
-def shared_asset(*parts):
+def shared_asset(*parts: str) -> Path | None:
     """Path inside ../shared/assets (benchmarks and tests); None when it is absent."""
     root = Path(os.environ.get("SPARSE_EXPORT_ASSETS", SHARED_ASSETS))
     p = root.joinpath(*parts)

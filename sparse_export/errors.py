@@ -1,2 +1,5 @@
+"""The error type for bad input and failed steps the user can act on."""
+
+
 class UserError(Exception):
     """Bad input or a failed step the user can act on; the CLI prints it as one line."""

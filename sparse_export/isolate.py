@@ -14,11 +14,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from .errors import UserError
 
 
-def call(target, kwargs, what, hint="", child=True):
+def call(target: str, kwargs: dict, what: str, hint: str = "", child: bool = True) -> Any:
     """target(**kwargs) in a fresh Python; kwargs and the result must be JSON. `what` names the work.
     child=False: call it here instead (engines that need no isolation)."""
     if not child:

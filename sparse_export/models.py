@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,7 +49,7 @@ def resolve(spec) -> tuple[str, object]:
     return "hub", spec
 
 
-def load_model(spec, dtype: str | None = "auto"):
+def load_model(spec, dtype: str | None = "auto") -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) in eval mode. GGUF weights are dequantized into a plain model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -109,7 +110,7 @@ def _plain_copy(model):
     return plain
 
 
-def decoder_layers(model):
+def decoder_layers(model) -> nn.ModuleList:
     """The list of decoder layers; UserError for an unsupported architecture."""
     return archs.arch_of(model).decoder_layers(model)
 
@@ -124,13 +125,13 @@ def prunable(module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
 
 
-def weight_2d(module):
+def weight_2d(module: nn.Module) -> torch.Tensor:
     """The weight as out x in, whatever the module's storage."""
     w = module.weight.data
     return w.t() if type(module).__name__ == "Conv1D" else w
 
 
-def set_weight_2d(module, w):
+def set_weight_2d(module: nn.Module, w: torch.Tensor) -> None:
     if type(module).__name__ == "Conv1D":
         w = w.t()
     module.weight.data.copy_(w.to(module.weight.dtype))

@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import UserError
@@ -19,7 +20,7 @@ META_FILE = "sparse_export.json"
 
 
 @contextlib.contextmanager
-def atomic_dir(out, force: bool = False):
+def atomic_dir(out, force: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it to `out` only if the block succeeds.
 
     Nothing is left at `out` after a failure or Ctrl-C. An existing `out` is replaced only

@@ -9,7 +9,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tests.tiny import ARCHS, TEXT, tiny_model, tiny_tokenizer, save_tiny  # noqa: E402
+from tests.tiny import ARCHS, TEXT, save_tiny, tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -29,12 +29,12 @@ def matrix_stats(model) -> dict:
     return out
 
 
-def sparse_names(stats):
+def sparse_names(stats: dict) -> list[str]:
     """Weights stored smaller as a bitmask: more zeros than the 1 bit per weight the mask costs."""
     return [n for n, s in stats.items() if s["sparsity"] > 1 / s["bits"]]
 
 
-def choose_format(stats, fmt="auto"):
+def choose_format(stats: dict, fmt: str = "auto") -> tuple[str, list[str], str]:
     """(format, names to compress, sparsity structure). UserError when fmt does not fit the model."""
     sparse = sparse_names(stats)
     all_24 = bool(sparse) and all(stats[n]["is_24"] for n in sparse)
@@ -50,7 +50,7 @@ def choose_format(stats, fmt="auto"):
     return fmt, ([] if fmt == "dense" else sparse), structure
 
 
-def sparsity_config(model, fmt, names, structure):
+def sparsity_config(model, fmt: str, names: list[str], structure: str) -> dict:
     """The sparsity_config block: targets are module classes, ignore the other modules of those classes."""
     kinds = {type(model.get_submodule(n)).__name__ for n in names} or {"Linear"}
     chosen = set(names)
@@ -96,7 +96,7 @@ def _folder_bytes(folder):
     return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file())
 
 
-def export_compressed(model_dir, out, fmt="auto", force=False, log=print):
+def export_compressed(model_dir, out, fmt: str = "auto", force: bool = False, log=print) -> dict:
     """Write MODEL_DIR as a compressed-tensors folder at `out`. Returns the metadata written."""
     if not Path(model_dir).is_dir():
         raise UserError(f"model folder not found: {model_dir}")
@@ -140,7 +140,7 @@ def export_compressed(model_dir, out, fmt="auto", force=False, log=print):
     return meta
 
 
-def count_24(folder):
+def count_24(folder) -> dict[str, dict]:
     """2:4 counted in the written files: per compressed weight, groups of 4 and those with > 2 nonzeros."""
     out = {}
     for prefix, parts in read_parts(folder)[0].items():
@@ -151,12 +151,12 @@ def count_24(folder):
     return out
 
 
-def bits_equal(a, b):
+def bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
 
-def round_trip_mismatches(dense_folder, folder, reference=False):
+def round_trip_mismatches(dense_folder, folder, reference: bool = False) -> list[str]:
     """Keys whose weight read back from the compressed `folder` is not bit-identical to `dense_folder`'s.
 
     reference: read it with compressed-tensors' decompressor (ImportError when it is not installed).

@@ -6,6 +6,7 @@ counted and matched to the model's modules in the file as written.
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -22,7 +23,7 @@ LOGITS = ("last", "all", "none")
 PLAIN_INPUTS = ("input_ids", "attention_mask")
 
 
-def output_name(logits):
+def output_name(logits: str) -> str:
     return "hidden_states" if logits == "none" else "logits"
 
 
@@ -46,11 +47,11 @@ class ExportModule(nn.Module):
 
 
 
-def is_deployment(folder):
+def is_deployment(folder) -> bool:
     return (Path(folder) / ONNX_FILE).is_file()
 
 
-def load_onnx(path_or_proto):
+def load_onnx(path_or_proto) -> Any:
     import onnx
 
     if isinstance(path_or_proto, onnx.ModelProto):
@@ -58,7 +59,7 @@ def load_onnx(path_or_proto):
     return onnx.load(str(path_or_proto))
 
 
-def save_onnx(proto, path):
+def save_onnx(proto, path) -> None:
     """One .onnx file, or .onnx plus one .onnx.data file when the weights exceed what protobuf holds."""
     import onnx
 
@@ -76,7 +77,7 @@ def _scope(node_name):
     return ".".join(parts[:-1])
 
 
-def weight_sparsity(onnx_file):
+def weight_sparsity(onnx_file) -> dict[str, dict]:
     """Zeros of every weight initializer (2-D and up) counted in the ONNX file.
 
     Returns {initializer: {scope, op, transposed, shape, zeros, sparsity}}: `scope` is the traced
@@ -106,12 +107,12 @@ def weight_sparsity(onnx_file):
     return out
 
 
-def digest(matrix):
+def digest(matrix: np.ndarray) -> str:
     m = np.ascontiguousarray(matrix, dtype=np.float32)
     return hashlib.blake2b(m.tobytes() + str(m.shape).encode(), digest_size=16).hexdigest()
 
 
-def match_modules(weights, onnx_file, model):
+def match_modules(weights: dict, onnx_file, model) -> list[str]:
     """Find the ONNX initializer of each prunable module by its exact contents.
 
     Sets `module` and `prunable` on the rows of `weights`. Returns a list of problems: empty when
@@ -141,7 +142,7 @@ def match_modules(weights, onnx_file, model):
     return problems
 
 
-def sparsity_summary(weights):
+def sparsity_summary(weights: dict) -> dict:
     """Overall sparsity of the prunable matrices and of all weight initializers."""
     def frac(rows):
         n = sum(int(np.prod(r["shape"])) for r in rows)
@@ -152,7 +153,7 @@ def sparsity_summary(weights):
             "all_weights_sparsity": frac(list(weights.values())), "weight_initializers": len(weights)}
 
 
-def source_fields(source, folder):
+def source_fields(source, folder) -> dict:
     """Where the weights came from: the spec, and for folders a path relative to the deployment."""
     p = Path(str(source)).expanduser()
     if not p.is_dir():
@@ -165,7 +166,7 @@ def source_fields(source, folder):
     return fields
 
 
-def source_model(folder):
+def source_model(folder) -> str | None:
     """The model a deployment folder was exported from (for the torch runtime), or None."""
     meta = read_meta(folder)
     rel = meta.get("source_model_relative")

@@ -8,6 +8,7 @@ pruning/grid.py.
 
 import contextlib
 import sys
+from collections.abc import Iterator
 
 import torch
 
@@ -16,7 +17,7 @@ from .. import models
 
 # ---- activations ----------------------------------------------------------------------------
 
-def act_qparams(lo, hi):
+def act_qparams(lo: float, hi: float) -> tuple[float, int]:
     """uint8 (scale, zero point) covering [lo, hi] (widened to include 0)."""
     lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
     scale = max(hi - lo, 1e-8) / 255.0
@@ -25,7 +26,8 @@ def act_qparams(lo, hi):
 
 
 @torch.no_grad()
-def activation_ranges(model, windows, names, batch=4, percentile=99.99):
+def activation_ranges(model, windows: torch.Tensor, names: list[str], batch: int = 4,
+                      percentile: float = 99.99) -> dict[str, dict[str, float]]:
     """Static ranges of the input of each module in `names`, over calibration windows.
 
     Returns {name: {"min", "max", "lo", "hi"}}: min / max over all tokens, and lo / hi the mean
@@ -61,19 +63,19 @@ def activation_ranges(model, windows, names, batch=4, percentile=99.99):
     return out
 
 
-def outlier_ratio(r):
+def outlier_ratio(r: dict) -> float:
     """How far the extreme inputs reach beyond the percentile range: max |x| / percentile |x|."""
     return max(-r["min"], r["max"]) / max(-r["lo"], r["hi"], 1e-12)
 
 
-def fake_quant_input(x, scale, zp):
+def fake_quant_input(x: torch.Tensor, scale: float, zp: int) -> torch.Tensor:
     """What QuantizeLinear then a dequantize does to x (uint8, round half to even)."""
     q = torch.clamp(torch.round(x / scale) + zp, 0, 255)
     return (q - zp) * scale
 
 
 @contextlib.contextmanager
-def fake_quantized_inputs(model, qparams):
+def fake_quantized_inputs(model, qparams: dict) -> Iterator[torch.nn.Module]:
     """Quantize the input of each module in qparams {name: (scale, zp)} while the block runs."""
     def hook(scale, zp):
         return lambda module, args: (fake_quant_input(args[0], scale, zp),) + tuple(args[1:])
@@ -86,7 +88,7 @@ def fake_quantized_inputs(model, qparams):
             h.remove()
 
 
-def fake_quant_symmetric(x, scale):
+def fake_quant_symmetric(x: torch.Tensor, scale: float) -> torch.Tensor:
     """What an int8 QuantizeLinear with zero point 0 then a dequantize does to x."""
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
 
@@ -130,7 +132,7 @@ def _attention_hooks(model, hooks):
 
 
 @contextlib.contextmanager
-def recording_attention(model, enabled=True):
+def recording_attention(model, enabled: bool = True) -> Iterator[dict]:
     """Yields {attention module: {"query": [min, max], "key": max |key|}}, filled by the forward passes
     run inside the block (e.g. activation_ranges' calibration pass); {} when not enabled."""
     stats = {n: {"query": [float("inf"), float("-inf")], "key": 0.0}
@@ -148,14 +150,14 @@ def recording_attention(model, enabled=True):
         yield stats
 
 
-def attention_qparams(ranges):
+def attention_qparams(ranges: dict) -> dict:
     """{module: {"query": (scale, zero point) uint8, "key": scale int8}} from recording_attention."""
     return {n: {"query": act_qparams(*r["query"]), "key": max(r["key"], 1e-8) / 127.0}
             for n, r in ranges.items()}
 
 
 @contextlib.contextmanager
-def fake_int8(model, qparams, attention=None):
+def fake_int8(model, qparams: dict, attention: dict | None = None) -> Iterator[torch.nn.Module]:
     """The INT8 graph's arithmetic in torch while the block runs: the input of each Linear module in
     qparams {name: (scale, zp)} quantized to uint8, and for each attention module in `attention`
     (from attention_qparams) the query and key of the score matmul quantized (uint8 / int8)."""

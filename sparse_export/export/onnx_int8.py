@@ -62,7 +62,7 @@ def _linear_weight(node, inits):
     return node.input[1], arr if _attr(node, "transB", 0) else arr.T
 
 
-def quantize_graph(proto, model, weight_scales, act_params):
+def quantize_graph(proto, model, weight_scales: dict, act_params: dict) -> dict[str, dict]:
     """Rewrite `proto` (fp32, traced from `model`) in place into the fused int8 form.
 
     weight_scales: {module: scale per output row}; the module's weight must lie on that grid.
@@ -157,7 +157,7 @@ def _scores_matmuls(g):
     return found
 
 
-def quantize_attention(proto, attention):
+def quantize_attention(proto, attention: dict) -> list[str]:
     """Rewrite the score matmul of each attention module in `attention` (from int8_calib.attention_qparams)
     into QuantizeLinear x2 -> MatMulInteger -> Cast -> Mul. Returns the module names done."""
     from onnx import TensorProto, helper, numpy_helper
@@ -201,8 +201,10 @@ def quantize_attention(proto, attention):
     return sorted(attention)
 
 
-def prepare_int8(model, meta, windows, percentile=None, outlier_ratio=OUTLIER_RATIO, batch=4,
-                 stored_dtype=torch.float32, attention=True):
+def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | None = None,
+                 outlier_ratio: float | None = OUTLIER_RATIO, batch: int = 4,
+                 stored_dtype: torch.dtype = torch.float32,
+                 attention: bool = True) -> tuple[dict, dict, dict, str, list[str]]:
     """Weight scales, activation qparams, attention qparams, and the modules left in fp32.
 
     Activation ranges are min/max, or clipped to `percentile`. A module whose input reaches more
@@ -233,7 +235,7 @@ def prepare_int8(model, meta, windows, percentile=None, outlier_ratio=OUTLIER_RA
     return {n: scales[n] for n in qparams}, qparams, attention_qparams(attn_ranges), source, fp32
 
 
-def read_qparams(meta):
+def read_qparams(meta: dict) -> tuple[dict, dict]:
     """(Linear qparams, attention qparams) recorded in an int8 deployment's sparse_export.json."""
     q = meta["int8"]
     linear = {n: (v["scale"], v["zero_point"]) for n, v in q["activations"]["qparams"].items()}
@@ -242,8 +244,9 @@ def read_qparams(meta):
     return linear, attn
 
 
-def write_int8_deployment(model, tokenizer, folder, scales, qparams, attention=None, logits="last", seqlen=16,
-                          source=None, extra=None, log=print):
+def write_int8_deployment(model, tokenizer, folder, scales: dict, qparams: dict, attention: dict | None = None,
+                          logits: str = "last", seqlen: int = 16, source=None, extra: dict | None = None,
+                          log=print) -> dict:
     """fp32 deployment folder, then its model.onnx rewritten to the fused int8 form. Returns metadata."""
     t0 = time.perf_counter()
     meta = write_deployment(model, tokenizer, folder, logits, seqlen, source=source, validate=False,
@@ -298,9 +301,10 @@ def validate_int8(model, onnx_file, logits: str, qparams: dict, attention: dict)
     return validate_plain(model, onnx_file, logits, reference=ref, tolerance=int8_tolerance(ref, fp32), inputs=inputs)
 
 
-def export_int8(model_spec, out, calib="c4", nsamples=ACT_NSAMPLES, seqlen=ACT_SEQLEN, seed=0,
-                percentile=None, outlier_ratio=OUTLIER_RATIO, attention=True, logits="last", trace_seqlen=16,
-                force=False, log=print):
+def export_int8(model_spec, out, calib="c4", nsamples: int = ACT_NSAMPLES, seqlen: int = ACT_SEQLEN, seed: int = 0,
+                percentile: float | None = None, outlier_ratio: float | None = OUTLIER_RATIO,
+                attention: bool = True, logits: str = "last", trace_seqlen: int = 16, force: bool = False,
+                log=print) -> dict:
     """`export onnx --int8`: load MODEL, calibrate activations, write the int8 deployment folder."""
     if percentile is not None and not 50 < percentile < 100:
         raise UserError(f"--percentile must be in (50, 100), got {percentile}")

@@ -1,20 +1,7 @@
-"""KV-cache ONNX export: one graph for the prompt (many tokens) and each decode step (one token).
-Its interface (names, per-call inputs, cache handling) is kv_layout.py.
-
-The graph follows the names and cache layout of DeepSparse 1.8's text-generation pipeline.
-With L = max_length (static: the runtime fixes it), n = tokens fed in this call, P = L - n:
-
-  inputs   input_ids [B, n] int64
-           attention_mask [B, L] int64    1 on valid cache slots; they are right-aligned
-           positions [B, n] int64         absolute positions of the n new tokens
-           causal_mask [B, 1, n, L] int64 1 where new token i may attend slot j
-           past_key_values.{i}.key/.value [B, kv_heads, P, head_dim] float32
-  outputs  logits [B, n, vocab]
-           present.{i}.key/.value [B, kv_heads, L, head_dim] = concat(past, new) on the slot axis
-
-Before the next call with n' tokens the runtime keeps the last L - n' slots of `present`
-(the oldest, empty slots fall off the left). The cache has num_key_value_heads heads, so
-grouped-query models keep their small cache; query heads share KV heads inside the graph.
+"""KV-cache ONNX export: one graph for the prompt (many tokens) and each decode step (one token),
+with the names and cache layout of DeepSparse 1.8's text-generation pipeline (written out, with the
+inputs of each call and the cache kept between calls, in kv_layout.py). Each decoder block runs the
+model's own modules as its archs.py entry says, with an explicit cache of num_key_value_heads heads.
 """
 
 import time

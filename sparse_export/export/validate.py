@@ -4,6 +4,8 @@ and refuses (one line) past the tolerance; the measured difference is recorded i
 sparse_export.json under "validation".
 """
 
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -53,7 +55,7 @@ def agreement(rows: list[dict], reference: dict, tolerance: float = LOGITS_TOLER
             for r in rows]
 
 
-def onnxruntime_session(onnx_file):
+def onnxruntime_session(onnx_file) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

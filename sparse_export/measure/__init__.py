@@ -1,0 +1,1 @@
+"""Measuring deployments: prefill latency and generation speed on each runtime, models timed interleaved."""

@@ -24,7 +24,7 @@ CRASH_HINT = ("DeepSparse 1.8 does this on KV-cache graphs of some small models 
               "try --threads 1, or --runtime onnxruntime")
 
 
-def prompt_ids(vocab_size, n, seed=0):
+def prompt_ids(vocab_size: int, n: int, seed: int = 0) -> list[int]:
     """A fixed pseudo-random prompt: timing does not depend on the text."""
     return np.random.default_rng(seed).integers(10, vocab_size, n).tolist()
 
@@ -142,7 +142,7 @@ def benchmark_generation(folders: dict, runtimes=None, baseline: str | None = No
     return {"config": config, "rows": rows, "versions": library_versions()}
 
 
-def add_generation_speedups(rows, baseline):
+def add_generation_speedups(rows: list[dict], baseline: str | None) -> list[dict]:
     """Decode and time-to-first-token speedups over the baseline model on the same runtime."""
     base = {r["runtime"]: r for r in rows if r["model"] == baseline}
     for r in rows:
@@ -156,7 +156,7 @@ def generation_table(result: dict) -> str:
     return table(result["rows"], GENERATE_COLUMNS)
 
 
-def plot_generation(result: dict, path, title: str | None = None):
+def plot_generation(result: dict, path, title: str | None = None) -> str | Path:
     """Bar chart of decode tokens/s per runtime and model (whisker: from the p90 step time), PNG."""
     rows, c = result["rows"], result["config"]
     err = [[max(r["decode_tok_s"] - 1000 / r["decode_ms_p90"], 0) for r in rows], [0] * len(rows)]
@@ -172,7 +172,8 @@ def save_generation(result: dict, json_path=None, plot_path=None) -> None:
         plot_generation(result, plot_path)
 
 
-def run_cli(mode, folders, runtimes, prompt_tokens, new_tokens, warmup, iterations, threads, json_out, plot_out):
+def run_cli(mode: str, folders: dict, runtimes: list[str] | None, prompt_tokens: int, new_tokens: int, warmup: int,
+            iterations: int, threads: int | None, json_out, plot_out) -> dict:
     """`benchmark --mode generate`: print the table, write JSON and plot where asked."""
     if mode != "generate":
         raise UserError(f"unknown --mode '{mode}' (choose from prefill, generate)")

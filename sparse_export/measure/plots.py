@@ -3,7 +3,8 @@
 from pathlib import Path
 
 
-def bar_chart(rows, values, err, ylabel, title, path):
+def bar_chart(rows: list[dict], values: list[float], err: list[list[float]], ylabel: str, title: str,
+              path) -> str | Path:
     """PNG bar chart, one bar per row (runtime/model), coloured by runtime, annotated with speedups."""
     import matplotlib
 

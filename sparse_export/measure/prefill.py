@@ -56,7 +56,8 @@ def add_speedups(rows: list[dict], baseline: str | None = None) -> list[dict]:
     return rows
 
 
-def measure_runtime(folders, runtime, batch, seqlen, warmup, iterations, threads, logits, inputs, outputs=None):
+def measure_runtime(folders: dict, runtime: str, batch: int, seqlen: int, warmup: int, iterations: int,
+                    threads: int | None, logits: str, inputs, outputs=None) -> list[dict]:
     """Load every folder ({label: folder}) on one runtime, warm each up, then time them interleaved
     (each round runs every model once), so a shared machine's drift hits all models alike.
 
@@ -163,7 +164,7 @@ def prefill_table(result: dict) -> str:
     return table(result["rows"], PREFILL_COLUMNS)
 
 
-def plot_prefill(result: dict, path, title: str | None = None):
+def plot_prefill(result: dict, path, title: str | None = None) -> str | Path:
     """Bar chart of median latency (whisker to p90) per runtime and model, PNG."""
     rows, c = result["rows"], result["config"]
     err = [[0] * len(rows), [r["p90_ms"] - r["median_ms"] for r in rows]]

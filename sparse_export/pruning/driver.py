@@ -109,7 +109,8 @@ class _InputStats:
         return out
 
 
-def prune_group(H, weights, recipe: Recipe, factor=None):
+def prune_group(H: torch.Tensor, weights: list[torch.Tensor], recipe: Recipe,
+                factor: tuple | None = None) -> tuple[tuple, tuple, float | None, tuple | None]:
     """Prune matrices that share one input as one sweep; returns new weights, masks, loss, scales."""
     W = torch.cat(weights, dim=0)
     n, m = recipe.nm()

@@ -4,6 +4,8 @@ round a pruned model afterwards ("prune then round", the baseline joint pruning 
 the INT8 export to read the integer values back exactly.
 """
 
+from collections.abc import Callable
+
 import torch
 
 from .. import models
@@ -17,7 +19,8 @@ from ..errors import UserError
 QUANT_HEADROOM = 1.1
 
 
-def make_quantizer(W: torch.Tensor, bits: int, per_channel: bool, row_splits=None, headroom=None):
+def make_quantizer(W: torch.Tensor, bits: int, per_channel: bool, row_splits: list[int] | None = None,
+                   headroom: float | None = None) -> tuple[Callable, torch.Tensor]:
     """Symmetric grid (zero point 0, so zeros stay zero); scales fixed before the sweep.
 
     Per tensor means one scale per matrix: matrices stacked into one sweep (row_splits) keep their own.

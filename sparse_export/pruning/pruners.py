@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 
-def hessian_inverse_factor(H, dampening=0.01):
+def hessian_inverse_factor(H: torch.Tensor, dampening: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor U of (H + damping)^-1, and the mask of dead inputs (zero diagonal).
 
     fp32 like the reference; falls back to fp64 when fp32 Cholesky fails.
@@ -69,13 +69,14 @@ def _nm_mask(score, n, m):
     return torch.zeros_like(groups, dtype=torch.bool).scatter_(2, idx, True).reshape(rows, cols)
 
 
-def check_pattern(cols, n, m):
+def check_pattern(cols: int, n: int, m: int) -> None:
     if n and cols % m:
         raise ValueError(f"{cols} input columns are not a multiple of m={m} for an {n}:{m} pattern")
 
 
-def sparsegpt(W, H, sparsity=0.5, n=0, m=0, blocksize=128, dampening=0.01, row_splits=None,
-              quantizer=None, factor=None):
+def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0, blocksize: int = 128,
+              dampening: float = 0.01, row_splits: list[int] | None = None, quantizer: Callable | None = None,
+              factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune W (out x in) with SparseGPT. Returns (new weight in fp32, pruned-mask, loss).
 
     sparsity: fraction pruned (unstructured; mask chosen adaptively per block of columns).
@@ -134,7 +135,8 @@ def sparsegpt(W, H, sparsity=0.5, n=0, m=0, blocksize=128, dampening=0.01, row_s
     return W, mask, loss
 
 
-def wanda(W, H, sparsity=0.5, n=0, m=0, row_splits=None, **_):
+def wanda(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0,
+          row_splits: list[int] | None = None, **_) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Wanda (Sun et al., 2023): |W| times input norm, pruned per output row. No weight update."""
     W = W.detach().float().clone()
     check_pattern(W.shape[1], n, m)
@@ -143,7 +145,8 @@ def wanda(W, H, sparsity=0.5, n=0, m=0, row_splits=None, **_):
     return W.masked_fill_(mask, 0.0), mask, None
 
 
-def magnitude(W, H=None, sparsity=0.5, n=0, m=0, row_splits=None, **_):
+def magnitude(W: torch.Tensor, H: torch.Tensor | None = None, sparsity: float = 0.5, n: int = 0, m: int = 0,
+              row_splits: list[int] | None = None, **_) -> tuple[torch.Tensor, torch.Tensor, None]:
     """Magnitude pruning: smallest |W| per matrix (unstructured) or per group of m (n:m)."""
     W = W.detach().float().clone()
     check_pattern(W.shape[1], n, m)

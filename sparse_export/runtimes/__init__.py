@@ -29,7 +29,7 @@ def available() -> list[str]:
     return [n for n in RUNTIMES if installed(n) and (n not in GPU_ONLY or torch.cuda.is_available())]
 
 
-def get_runtime(name: str):
+def get_runtime(name: str) -> type:
     """The adapter class for `name`; UserError when it is unknown or its engine is missing."""
     if name not in RUNTIMES:
         raise UserError(f"unknown runtime '{name}' (choose from {', '.join(RUNTIMES)})")

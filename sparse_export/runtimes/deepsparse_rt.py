@@ -10,7 +10,7 @@ from ..errors import UserError
 from .base import Runtime
 
 
-def fixed_shape_copy(src, batch, seqlen, folder):
+def fixed_shape_copy(src, batch: int, seqlen: int, folder) -> Path:
     """Copy of the ONNX file with its inputs pinned to [batch, seqlen]; external data is linked, not copied.
 
     (DeepSparse's own input_shapes option rewrites the file in place, which would pin the deployment.)
@@ -30,7 +30,8 @@ def fixed_shape_copy(src, batch, seqlen, folder):
     return dst
 
 
-def layer_profile(path, inputs, threads=None, iterations=20, warmup=3):
+def layer_profile(path, inputs: list[np.ndarray], threads: int | None = None, iterations: int = 20,
+                  warmup: int = 3) -> str:
     """DeepSparse's per-operator time breakdown (text, from its debug analysis) of the fixed-shape
     graph at `path` run on `inputs` (a list of arrays in the graph's input order)."""
     os.environ.setdefault("NM_DISABLE_ANALYTICS", "1")

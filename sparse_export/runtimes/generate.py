@@ -4,7 +4,9 @@ feeds the graph (KVSession), the token loop, and streamed text."""
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +103,7 @@ class KVSession:
         return out[0], out[1:]
 
 
-def load_tokenizer(folder):
+def load_tokenizer(folder) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -109,7 +111,7 @@ def load_tokenizer(folder):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
-def eos_ids(folder, tokenizer):
+def eos_ids(folder, tokenizer) -> set[int]:
     """End-of-sequence ids as transformers' generate() would use them."""
     import json
 
@@ -124,7 +126,7 @@ def eos_ids(folder, tokenizer):
     return set(ids if isinstance(ids, list) else [] if ids is None else [ids])
 
 
-def pick_token(logits, temperature=None, rng=None):
+def pick_token(logits: np.ndarray, temperature: float | None = None, rng: np.random.Generator | None = None) -> int:
     """Argmax, or a draw from softmax(logits / temperature)."""
     if not temperature:
         return int(np.argmax(logits))
@@ -133,8 +135,9 @@ def pick_token(logits, temperature=None, rng=None):
     return int(rng.choice(len(p), p=p / p.sum()))
 
 
-def generate_ids(session, prompt_ids, max_new_tokens=64, eos=(), temperature=None, seed=0,
-                 on_token=None):
+def generate_ids(session: KVSession, prompt_ids: list[int], max_new_tokens: int = 64, eos=(),
+                 temperature: float | None = None, seed: int = 0,
+                 on_token: Callable | None = None) -> tuple[list[int], dict]:
     """Generate after prompt_ids. Returns (new ids, stats); on_token(id) is called as each appears."""
     n, L = len(prompt_ids), session.max_length
     if n == 0:
@@ -187,8 +190,9 @@ class TextStream:
         return piece
 
 
-def generate_text(folder, prompt, max_new_tokens=64, runtime="deepsparse", temperature=None,
-                  seed=0, threads=None, write=None):
+def generate_text(folder, prompt: str, max_new_tokens: int = 64, runtime: str = "deepsparse",
+                  temperature: float | None = None, seed: int = 0, threads: int | None = None,
+                  write: Callable | None = None) -> tuple[str, dict]:
     """Generate text from a deployment folder; write(piece) streams it. Returns (text, stats)."""
     session = KVSession(folder, runtime, threads)
     tokenizer = load_tokenizer(folder)

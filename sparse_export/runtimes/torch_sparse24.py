@@ -14,12 +14,12 @@ DTYPES = ("float16", "bfloat16")
 BACKENDS = ("auto", "cusparselt", "cutlass")
 
 
-def require_cuda(name="torch-sparse24"):
+def require_cuda(name: str = "torch-sparse24") -> None:
     if not torch.cuda.is_available():
         raise UserError(f"the {name} runtime needs a CUDA GPU")
 
 
-def pick_backend(backend="auto"):
+def pick_backend(backend: str = "auto") -> str:
     """The kernel backend to use: `auto` is cuSPARSELt where it runs here, else CUTLASS.
 
     On a CUDA machine the choice is checked with a tiny 2:4 matmul (see backend_error): PyTorch's
@@ -47,7 +47,7 @@ def pick_backend(backend="auto"):
 _BACKEND_ERRORS = {}
 
 
-def backend_error(backend):
+def backend_error(backend: str) -> str | None:
     """None when `backend`'s 2:4 fp16 matmul runs on this machine's GPU, else one line saying why not."""
     if backend not in _BACKEND_ERRORS:
         _BACKEND_ERRORS[backend] = _probe(backend)
@@ -73,7 +73,7 @@ def _probe(backend):
     return None
 
 
-def to_semi_structured(w, backend):
+def to_semi_structured(w: torch.Tensor, backend: str) -> torch.Tensor:
     """A 2:4 CUDA fp16/bf16 matrix as torch's semi-structured sparse tensor on `backend`."""
     from torch.sparse import SparseSemiStructuredTensorCUSPARSELT, SparseSemiStructuredTensorCUTLASS
 
@@ -81,7 +81,7 @@ def to_semi_structured(w, backend):
     return cls.from_dense(w.contiguous())
 
 
-def sparsify_24(model, backend):
+def sparsify_24(model, backend: str) -> tuple[list[str], list[str]]:
     """Swap every 2:4 nn.Linear weight for a semi-structured tensor. Returns (swapped, skipped) names."""
     from ..compressed_format import is_24
 

@@ -5,6 +5,7 @@ target does not use is a one-line error, never silently dropped.
 """
 
 from dataclasses import dataclass, field, fields, replace
+from typing import Any
 
 from ..errors import UserError
 from ..pruning.recipe import Recipe, parse_pattern
@@ -117,7 +118,7 @@ def build_options(target: str, **given) -> CpuOptions | GpuOptions:
     return cls(recipe=recipe, **own).validate()
 
 
-def default(target: str, name: str):
+def default(target: str, name: str) -> Any:
     """The default of an option for `target` (for help texts)."""
     opts = TARGETS[target]()
     return getattr(opts.recipe, name) if name in RECIPE_FIELDS else getattr(opts, name)

@@ -228,6 +228,7 @@ def test_sparse24_runtime_without_cuda(exported):
             get_runtime(name)(exported["llama-24"][1])
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 def test_sparse24_runtime_matches_dense_on_gpu(exported, backend):
@@ -246,6 +247,7 @@ def test_sparse24_runtime_matches_dense_on_gpu(exported, backend):
     assert a.shape == (2, 64, 300) and np.abs(a - b).max() <= 2e-2 * np.abs(b).max()
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_sparse24_runtime_refuses_a_backend_this_gpu_lacks(exported):
     """A backend whose kernels fail on this GPU is refused at load, in one line, and auto avoids it."""

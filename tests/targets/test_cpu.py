@@ -89,6 +89,7 @@ def _pipeline_args(tiny_dirs, text_file, out, extra=()):
             "--prompt-tokens", "8", "--new-tokens", "4", *rts, *extra]
 
 
+@pytest.mark.slow
 def test_prune_and_export_cpu(tiny_dirs, text_file, tmp_path):
     out = tmp_path / "out"
     assert main(_pipeline_args(tiny_dirs, text_file, out)) == 0
@@ -127,6 +128,7 @@ def test_prune_and_export_cpu(tiny_dirs, text_file, tmp_path):
         str((out / "pruned-model").resolve())
 
 
+@pytest.mark.slow
 def test_prune_and_export_no_generate(tiny_dirs, text_file, tmp_path):
     out = tmp_path / "out"
     assert main(_pipeline_args(tiny_dirs, text_file, out, ["--no-generate"])) == 0
@@ -135,6 +137,7 @@ def test_prune_and_export_no_generate(tiny_dirs, text_file, tmp_path):
     assert "## Generation" not in (out / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_prune_and_export_failure_leaves_nothing(tiny_dirs, text_file, tmp_path, capsys, monkeypatch):
     from sparse_export.targets import cpu as cpu_target
 

@@ -20,6 +20,7 @@ def gpu(**given):
     return build_options("gpu", **given)
 
 
+@pytest.mark.slow
 def test_gpu_target_writes_a_verified_report(tiny_dirs, text_file, tmp_path):
     out = tmp_path / "gpu"
     r = run_gpu_target(tiny_dirs["llama"], out, gpu(calib=str(text_file), nsamples=4, seqlen=64,
@@ -47,6 +48,7 @@ def test_gpu_target_writes_a_verified_report(tiny_dirs, text_file, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_gpu_target_fails_on_a_bad_round_trip_and_leaves_nothing(tiny_dirs, text_file, tmp_path, monkeypatch):
     real = compressed_format.read_state_dict
 
