@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import hub
 from .errors import UserError
 
 HUB_SOURCES = ("wikitext2", "c4")
@@ -16,7 +17,10 @@ SHARED_ASSETS = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
 def check_source(source, allow_self: bool = False) -> None:
     """Fail fast (before loading a model) on a data source that cannot work."""
     source = str(source)
-    if source in HUB_SOURCES or (allow_self and source == "self"):
+    if source in HUB_SOURCES:
+        hub.require_hub(f"'{source}'", "pass a local .txt or .jsonl file instead")
+        return
+    if allow_self and source == "self":
         return
     if not Path(source).expanduser().is_file():
         extra = ", self" if allow_self else ""
@@ -102,27 +106,65 @@ def calibration_windows(source, tokenizer, nsamples: int, seqlen: int, seed: int
     return torch.stack([ids[s:s + seqlen] for s in starts.tolist()])
 
 
-@torch.no_grad()
-def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int = 8) -> torch.Tensor:
-    """Calibration text the model writes itself, from random first tokens (data-free calibration)."""
-    from tqdm import tqdm
+SELF_CACHE_BUDGET = 2 * 2**30  # bytes of KV cache that `self` calibration may use at once
 
+
+class _StepCounter:
+    """A transformers streamer that only counts generation steps, for progress."""
+
+    def __init__(self, bar):
+        self.bar, self.started = bar, False
+
+    def put(self, value) -> None:
+        if self.started:            # the first call is the prompt
+            self.bar.update(1)
+        self.started = True
+
+    def end(self) -> None:
+        self.started = False
+
+
+def self_batch(model, nsamples: int, seqlen: int) -> int:
+    """How many samples `self` calibration generates at once: all of them when their KV cache fits
+    SELF_CACHE_BUDGET (one batch is many times faster than several on a CPU)."""
+    from .archs import ARCHS
+
+    c = model.config
+    entry = ARCHS.get(getattr(c, "model_type", ""))
+    try:
+        _, kv, d = entry.cache_shape(c) if entry else (0, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
+        layers = c.num_hidden_layers
+    except AttributeError:
+        return min(nsamples, 8)
+    per_sample = 2 * layers * kv * d * seqlen * 4
+    return max(1, min(nsamples, SELF_CACHE_BUDGET // max(per_sample, 1)))
+
+
+@torch.no_grad()
+def self_generated(model, tokenizer, nsamples: int, seqlen: int, seed: int, batch: int | None = None) -> torch.Tensor:
+    """Calibration text the model writes itself, from random first tokens (data-free calibration)."""
+    from .progress import progress
+
+    batch = batch or self_batch(model, nsamples, seqlen)
     g = torch.Generator().manual_seed(seed)
     vocab = model.config.vocab_size
     special = set(tokenizer.all_special_ids or [])
     out = []
     torch.manual_seed(seed)
-    for b in tqdm(range(0, nsamples, batch), desc="generating calibration text", unit="batch",
-                  disable=None):
-        k = min(batch, nsamples - b)
-        first = torch.randint(0, vocab, (k, 1), generator=g)
-        for i in range(k):
-            while int(first[i]) in special:
-                first[i] = torch.randint(0, vocab, (1,), generator=g)
-        seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=0,
-                             top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1,
-                             min_new_tokens=seqlen - 1, pad_token_id=tokenizer.pad_token_id)
-        out.append(seq[:, :seqlen])
+    batches = range(0, nsamples, batch)
+    with progress(len(batches) * (seqlen - 1), f"generating calibration text ({nsamples} x {seqlen} tokens, "
+                                               f"batch {batch})", unit="step") as bar:
+        for b in batches:
+            k = min(batch, nsamples - b)
+            first = torch.randint(0, vocab, (k, 1), generator=g)
+            for i in range(k):
+                while int(first[i]) in special:
+                    first[i] = torch.randint(0, vocab, (1,), generator=g)
+            seq = model.generate(first, attention_mask=torch.ones_like(first), do_sample=True, top_k=0,
+                                 top_p=1.0, temperature=1.0, max_new_tokens=seqlen - 1,
+                                 min_new_tokens=seqlen - 1, pad_token_id=tokenizer.pad_token_id,
+                                 streamer=_StepCounter(bar))
+            out.append(seq[:, :seqlen])
     return torch.cat(out)
 
 

@@ -3,3 +3,7 @@
 
 class UserError(Exception):
     """Bad input or a failed step the user can act on; the CLI prints it as one line."""
+
+
+class EngineCrash(UserError):
+    """An inference engine died (a signal, or DeepSparse's own crash report) in a child process."""

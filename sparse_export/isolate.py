@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import EngineCrash, UserError
 
 
 def call(target: str, kwargs: dict, what: str, hint: str = "", child: bool = True) -> Any:
@@ -38,7 +38,7 @@ def call(target: str, kwargs: dict, what: str, hint: str = "", child: bool = Tru
     crash = re.search(r"Received signal: ([^(\n]+)", proc.stderr)  # DeepSparse's handler, then exit 1
     if proc.returncode < 0 or crash:
         name = crash.group(1).strip() if crash else signal.Signals(-proc.returncode).name
-        raise UserError(f"{what} crashed ({name}){'; ' + hint if hint else ''}")
+        raise EngineCrash(f"{what} crashed ({name}){'; ' + hint if hint else ''}")
     last = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     raise RuntimeError(f"{what} failed (exit {proc.returncode}): {last[-1] if last else 'no message'}")
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import archs
+from . import archs, hub
 from .errors import UserError
 from .outputs import META_FILE, write_json
 
@@ -43,10 +43,26 @@ def resolve(spec) -> tuple[str, object]:
         if not p.is_dir() or not (p / "config.json").is_file():
             raise UserError(f"{p} is not a model folder (no config.json)")
         return "folder", p
-    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+    # a hub id is "name" or "owner/name"; anything else, or an owner that is a local folder, is a path
+    looks_like_path = (spec.startswith((".", "/", "~")) or spec.count("/") > 1 or "\\" in spec
+                       or ("/" in spec and p.parent.is_dir() and str(p.parent) != "."))
     if looks_like_path or not re.fullmatch(r"[\w.\-]+(/[\w.\-]+)?", spec):
-        raise UserError(f"model not found: {spec}")
+        raise UserError(f"model not found: no such file or folder: {spec}")
     return "hub", spec
+
+
+def check_model(spec) -> tuple[str, object]:
+    """resolve(), and for a hub id on a machine that cannot reach the hub: the local cache only, or one
+    line saying so (no retries). Cheap: call it before any long work."""
+    kind, where = resolve(spec)
+    if kind == "hub" and not hub.hub_reachable():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(str(where), "config.json"), str):
+            hub.require_hub(f"model '{spec}' (not a local file or folder)",
+                            "pass a local model folder, a .gguf file, or 'smollm2'")
+        hub.go_offline()  # cached: load it from there without network retries
+    return kind, where
 
 
 def load_model(spec, dtype: str | None = "auto") -> tuple[nn.Module, Any]:
@@ -54,7 +70,7 @@ def load_model(spec, dtype: str | None = "auto") -> tuple[nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    kind, where = resolve(spec)
+    kind, where = check_model(spec)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger("transformers").setLevel(logging.ERROR)
@@ -156,7 +172,11 @@ def read_config(folder) -> dict:
 
 
 def save_model_folder(model, tokenizer, folder, meta: dict) -> None:
-    """A plain save_pretrained folder (safetensors) plus sparse_export.json."""
+    """A plain save_pretrained folder (safetensors) plus sparse_export.json; config and tokenizer files
+    in the form transformers 4 reads too (compat.py)."""
+    from .compat import portable_folder
+
     model.save_pretrained(folder, safe_serialization=True)
     tokenizer.save_pretrained(folder)
+    portable_folder(folder)
     write_json(Path(folder) / META_FILE, meta)

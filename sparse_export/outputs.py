@@ -31,6 +31,7 @@ def atomic_dir(out, force: bool = False) -> Iterator[Path]:
         raise UserError(f"{out} already exists (use --force to overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output gets the user's usual mode
     try:
         yield tmp
         if out.exists():
@@ -43,6 +44,13 @@ def atomic_dir(out, force: bool = False) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path, obj) -> None:
@@ -113,3 +121,29 @@ def cpu_name() -> str | None:
         return None
     m = re.search(r"model name\s*:\s*(.+)", text)
     return f"{m.group(1).strip() if m else 'unknown'} ({os.cpu_count()} logical cores)"
+
+
+def relocate(obj, tmp, final=None) -> object:
+    """A copy of the JSON-able `obj` where every path inside the temporary folder `tmp` points where it
+    will be after the rename: relative to the output folder (final None), or under `final`."""
+    roots = sorted({str(Path(tmp)), str(Path(tmp).resolve())}, key=len, reverse=True)
+
+    def move(x):
+        if isinstance(x, dict):
+            return {k: move(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [move(v) for v in x]
+        if isinstance(x, str):
+            for root in roots:
+                if x == root or x.startswith(root + os.sep):
+                    rest = x[len(root):].lstrip(os.sep) or "."
+                    return rest if final is None else str(Path(final) / rest)
+        return x
+
+    return move(obj)
+
+
+def relocate_meta_files(tmp, final) -> None:
+    """relocate() every sparse_export.json below the temporary folder `tmp` to the final folder's paths."""
+    for path in Path(tmp).rglob(META_FILE):
+        write_json(path, relocate(json.loads(path.read_text()), tmp, final))

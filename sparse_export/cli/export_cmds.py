@@ -22,9 +22,12 @@ def export_onnx_cmd(
     int8: bool = typer.Option(False, "--int8", help="Linear layers as int8 matmuls (weights from a --wbits 8 "
                                                     "model are exact; activations quantized statically)."),
     calib: Optional[str] = typer.Option(None, help="With --int8: text for activation ranges "
-                                                   "(wikitext2 | c4 | file.txt | file.jsonl | self; default c4)."),
-    nsamples: Optional[int] = typer.Option(None, help="With --int8: calibration windows (default 32)."),
-    calib_seqlen: Optional[int] = typer.Option(None, help="With --int8: tokens per calibration window (default 512)."),
+                                                   "(wikitext2 | c4 | file.txt | file.jsonl | self; default: the "
+                                                   "pruned folder's recipe, else c4)."),
+    nsamples: Optional[int] = typer.Option(None, help="With --int8: calibration windows (default: the recipe's, "
+                                                      "at most 32)."),
+    calib_seqlen: Optional[int] = typer.Option(None, help="With --int8: tokens per calibration window (default: "
+                                                          "the recipe's, at most 512)."),
     percentile: Optional[float] = typer.Option(None, help="With --int8: clip activation ranges to this percentile "
                                                           "(default: min/max)."),
     outlier_ratio: Optional[float] = typer.Option(None, help="With --int8: keep a Linear layer fp32 when its input "
@@ -44,10 +47,9 @@ def export_onnx_cmd(
     if not int8 and any(v is not None for v in int8_opts.values()):
         raise UserError(f"{next(k for k, v in int8_opts.items() if v is not None)} applies to --int8 only")
     if int8:
-        from ..export.onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, export_int8
+        from ..export.onnx_int8 import OUTLIER_RATIO, export_int8
 
-        return export_int8(model, out, calib=calib or "c4", nsamples=nsamples or ACT_NSAMPLES,
-                           seqlen=calib_seqlen or ACT_SEQLEN, percentile=percentile,
+        return export_int8(model, out, calib=calib, nsamples=nsamples, seqlen=calib_seqlen, percentile=percentile,
                            outlier_ratio=OUTLIER_RATIO if outlier_ratio is None else outlier_ratio,
                            attention=not fp32_attention, logits=logits, trace_seqlen=seqlen, force=force)
     if kv_cache:

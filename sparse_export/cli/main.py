@@ -1,7 +1,9 @@
 """Entry point: runs the Typer app and turns errors into one line and a non-zero exit."""
 
 import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -14,10 +16,39 @@ from . import compressed_cmds  # noqa: F401
 from .app import app
 
 
+_TERMINATED = []
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (what `timeout`, systemd and schedulers send) is raised as an interrupt where the program
+    is, so the same clean-up as Ctrl-C runs: temporary output folders are removed."""
+    _TERMINATED.append(signum)
+    raise KeyboardInterrupt
+
+
+def _interrupted() -> int:
+    if _TERMINATED:
+        print("error: terminated (SIGTERM); nothing was written", file=sys.stderr)
+        return 143
+    print("error: interrupted; nothing was written", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
+    debug = os.environ.get("SPARSE_EXPORT_DEBUG") == "1"
+    _TERMINATED.clear()
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if in_main else None
+    try:
+        return _run(argv, debug)
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(argv, debug: bool) -> int:
     from ..errors import UserError
 
-    debug = os.environ.get("SPARSE_EXPORT_DEBUG") == "1"
     try:
         rv = typer.main.get_command(app).main(args=argv, prog_name="sparse-export",
                                               standalone_mode=False)
@@ -27,16 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        return _interrupted()
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else 1
     except Exception as e:
         import click
 
         if isinstance(e, click.exceptions.Abort):
-            print("error: interrupted; nothing was written", file=sys.stderr)
-            return 130
+            return _interrupted()
         if isinstance(e, click.ClickException):
             e.show()
             return e.exit_code

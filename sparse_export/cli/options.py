@@ -19,7 +19,7 @@ def _opt(help: str, *decls: str):
 
 
 def _default(value) -> str:
-    return f" [default: {value}]"
+    return f" (default: {value})"
 
 
 # ---- the recipe: `prune` and `prune-and-export`
@@ -35,7 +35,7 @@ Dampening = Annotated[Optional[float], _opt("Hessian dampening, fraction of its 
                                             + _default(_R.dampening))]
 Ignore = Annotated[Optional[List[str]], _opt("Regex of module names to leave dense (repeatable).")]
 WBits = Annotated[Optional[int], _opt("Also quantize kept weights to this many bits, in the same sweep.")]
-PerChannel = Annotated[Optional[bool], _opt("Quantization scale granularity [default: per-channel].",
+PerChannel = Annotated[Optional[bool], _opt("Quantization scale granularity (default: per-channel).",
                                             "--per-channel/--per-tensor")]
 
 # ---- common to several commands
@@ -49,3 +49,21 @@ def recipe_given(**values) -> dict:
     if "ignore" in out:
         out["ignore"] = list(out["ignore"])
     return out
+
+# ---- running layer by layer: `prune` and `eval`
+Device = Annotated[str, typer.Option("--device", help="cpu | cuda | cuda:N | auto (cuda when present).")]
+Stream = Annotated[Optional[bool], _opt("Read and write one decoder layer at a time from the safetensors shards "
+                                        "(default: for local safetensors folders).", "--stream/--no-stream")]
+Resume = Annotated[bool, typer.Option("--resume", help="Continue an interrupted streamed prune from its last "
+                                                      "finished layer.")]
+Offload = Annotated[Optional[str], _opt("Folder for hidden states past --activation-budget "
+                                        "(default: the work folder beside --out).")]
+ActivationBudget = Annotated[Optional[float], _opt("GiB of hidden states kept in RAM before they go to a file "
+                                                   "(default: 2).")]
+
+
+def budget_bytes(gib: float | None) -> int:
+    """--activation-budget in bytes (the default when not set)."""
+    from ..layerwise import ACTIVATION_BUDGET
+
+    return ACTIVATION_BUDGET if gib is None else int(gib * 2**30)

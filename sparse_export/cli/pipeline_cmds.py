@@ -13,7 +13,7 @@ from .app import app
 def _target_opt(name: str, help: str, *decls: str, cpu: bool = True, gpu: bool = True):
     """Help with the default of each target that takes the option (targets.options holds them)."""
     shown = [f"{t}: {default(t, name)}" for t, on in (("cpu", cpu), ("gpu", gpu)) if on]
-    note = f" [default {'; '.join(shown)}]" if shown else ""
+    note = f" (default {'; '.join(shown)})" if shown else ""
     return typer.Option(*decls, help=help + note, show_default=False)
 
 

@@ -26,6 +26,11 @@ def prune_cmd(
     wbits: o.WBits = None,
     per_channel: o.PerChannel = None,
     threads: o.Threads = None,
+    device: o.Device = "cpu",
+    stream: o.Stream = None,
+    resume: o.Resume = False,
+    offload: o.Offload = None,
+    activation_budget: o.ActivationBudget = None,
     force: o.Force = False,
 ):
     """Prune MODEL one-shot and save it as a Hugging Face folder."""
@@ -35,7 +40,8 @@ def prune_cmd(
     recipe = Recipe(**o.recipe_given(method=method, sparsity=sparsity, pattern=pattern, calib=calib,
                                      nsamples=nsamples, seqlen=seqlen, seed=seed, blocksize=blocksize,
                                      dampening=dampening, ignore=ignore, wbits=wbits, per_channel=per_channel))
-    prune(model, out, recipe, force=force, threads=threads)
+    prune(model, out, recipe, force=force, threads=threads, device=device, stream=stream, resume=resume,
+          offload=offload, activation_budget=o.budget_bytes(activation_budget))
 
 
 @app.command("eval")
@@ -46,6 +52,10 @@ def eval_cmd(
     max_segments: Optional[int] = typer.Option(None, help="Evaluate at most this many windows."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result as JSON here."),
     threads: o.Threads = None,
+    device: o.Device = "cpu",
+    stream: o.Stream = None,
+    offload: o.Offload = None,
+    activation_budget: o.ActivationBudget = None,
 ):
     """Perplexity of MODEL on DATA (non-overlapping windows of --seqlen tokens)."""
     import torch
@@ -56,7 +66,8 @@ def eval_cmd(
 
     if threads:
         torch.set_num_threads(threads)
-    res = evaluate(model, data, seqlen, max_segments)
+    res = evaluate(model, data, seqlen, max_segments, device=device, stream=stream, offload=offload,
+                   activation_budget=o.budget_bytes(activation_budget))
     typer.echo(table([res], [("model", "model"), ("data", "data"), ("windows", "windows"),
                              ("tokens", "tokens"), ("perplexity", "perplexity")]))
     if json_out:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from .. import models
+from .. import compat, models
 from ..compressed_format import (CT_VERSION, FORMATS, compress_weight, decompress_weight, is_24, read_parts,
                                  read_state_dict, weight_files)
 from ..errors import UserError
@@ -115,6 +115,7 @@ def export_compressed(model_dir, out, fmt: str = "auto", force: bool = False, lo
                                       "sparsity_config": sconfig, "config_groups": {},
                                       "transform_config": {}, "format": "dense"}
         write_json(tmp / "config.json", cfg)
+        compat.portable_folder(tmp)  # transformers 4.x + compressed-tensors 0.14 read this folder
         meta = {
             "kind": "compressed-tensors",
             "source_model": str(model_dir),

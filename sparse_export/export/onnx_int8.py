@@ -30,6 +30,7 @@ from .. import data, models
 from ..errors import UserError
 from ..outputs import META_FILE, atomic_dir, read_meta, write_json
 from ..pruning.grid import grid_info, int_weight, recorded_scales, round_weights
+from ..pruning.pruners import PRUNERS
 from .graph import ONNX_FILE, digest, load_onnx, match_modules, save_onnx, sparsity_summary, weight_sparsity
 from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, recording_attention
 from .int8_calib import outlier_ratio as quant_outlier_ratio
@@ -301,27 +302,59 @@ def validate_int8(model, onnx_file, logits: str, qparams: dict, attention: dict)
     return validate_plain(model, onnx_file, logits, reference=ref, tolerance=int8_tolerance(ref, fp32), inputs=inputs)
 
 
-def export_int8(model_spec, out, calib="c4", nsamples: int = ACT_NSAMPLES, seqlen: int = ACT_SEQLEN, seed: int = 0,
-                percentile: float | None = None, outlier_ratio: float | None = OUTLIER_RATIO,
-                attention: bool = True, logits: str = "last", trace_seqlen: int = 16, force: bool = False,
-                log=print) -> dict:
-    """`export onnx --int8`: load MODEL, calibrate activations, write the int8 deployment folder."""
+def int8_calibration(model_spec, calib: str | None = None, nsamples: int | None = None,
+                     seqlen: int | None = None, seed: int | None = None) -> dict:
+    """Calibration text and sizes for the activation ranges: the options given, else the pruned folder's
+    recipe (its calibration source and seed; nsamples and seqlen capped at the int8 defaults, as
+    `prune-and-export --int8` does), else c4 with the int8 defaults. Returns {source, nsamples, seqlen,
+    seed, from} ("from": "options" | "recipe" | "defaults", for the source)."""
+    recipe = {}
+    if Path(str(model_spec)).is_dir():
+        recipe = read_meta(model_spec).get("recipe") or {}
+        if recipe.get("method") in PRUNERS and not PRUNERS[recipe["method"]].needs_calibration:
+            recipe = {}  # a magnitude prune never read its calibration source
+    origin = "options" if calib else ("recipe" if recipe.get("calib") else "defaults")
+    out = {"source": str(calib or recipe.get("calib") or "c4"),
+           "nsamples": nsamples or min(recipe.get("nsamples") or ACT_NSAMPLES, ACT_NSAMPLES),
+           "seqlen": seqlen or min(recipe.get("seqlen") or ACT_SEQLEN, ACT_SEQLEN),
+           "seed": recipe.get("seed", 0) if seed is None else seed, "from": origin}
+    if origin == "recipe" and _looks_like_file(out["source"]) and not Path(out["source"]).is_file():
+        raise UserError(f"the recipe's calibration file {out['source']} is not here (it is read relative to "
+                        f"the current folder); pass --calib")
+    return out
+
+
+def _looks_like_file(source: str) -> bool:
+    return source.endswith((".txt", ".jsonl", ".json")) or "/" in source
+
+
+def export_int8(model_spec, out, calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
+                seed: int | None = None, percentile: float | None = None,
+                outlier_ratio: float | None = OUTLIER_RATIO, attention: bool = True, logits: str = "last",
+                trace_seqlen: int = 16, force: bool = False, log=print) -> dict:
+    """`export onnx --int8`: load MODEL, calibrate activations, write the int8 deployment folder.
+
+    Calibration not given here comes from the pruned folder's recipe (int8_calibration)."""
     if percentile is not None and not 50 < percentile < 100:
         raise UserError(f"--percentile must be in (50, 100), got {percentile}")
     if outlier_ratio is not None and outlier_ratio < 0:
         raise UserError(f"--outlier-ratio must be >= 0 (0: quantize every layer), got {outlier_ratio}")
-    data.check_source(calib, allow_self=True)
+    cal = int8_calibration(model_spec, calib, nsamples, seqlen, seed)
+    data.check_source(cal["source"], allow_self=True)
+    if cal["from"] == "recipe":
+        log(f"int8 calibration from the recipe in {model_spec}: {cal['source']}, "
+            f"{cal['nsamples']} x {cal['seqlen']} tokens, seed {cal['seed']}")
     with atomic_dir(out, force) as tmp:
         model, tokenizer = models.load_model(model_spec)
         stored_dtype = model.dtype
         model.float()
         src_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
-        windows = data.calibration_windows(calib, tokenizer, nsamples, seqlen, seed, model=model)
+        windows = data.calibration_windows(cal["source"], tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"],
+                                           model=model)
         scales, qparams, attn, how, _ = prepare_int8(model, src_meta, windows, percentile, outlier_ratio,
                                                      stored_dtype=stored_dtype, attention=attention)
         extra = {"weight_source": how, "outlier_ratio": outlier_ratio,
-                 "calibration": {"source": str(calib), "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
-                                 "range": f"percentile {percentile}" if percentile else "min/max"}}
+                 "calibration": {**cal, "range": f"percentile {percentile}" if percentile else "min/max"}}
         meta = write_int8_deployment(model, tokenizer, tmp, scales, qparams, attn, logits, trace_seqlen,
                                      source=model_spec, extra=extra, log=log)
     log(f"wrote {out}")

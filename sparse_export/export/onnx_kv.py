@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import archs, models
+from .. import archs, compat, models
 from ..errors import UserError
 from ..outputs import META_FILE, Timer, atomic_dir, library_versions, write_json
 from .graph import OPSET, match_modules, save_onnx, sparsity_summary, weight_sparsity
@@ -84,6 +84,7 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
+        compat.portable_folder(tmp)  # files DeepSparse's pipeline (transformers 4, tokenizers 0.15) reads
         meta = {
             "kind": "onnx-kv-cache",
             "format": "onnx",
@@ -92,6 +93,10 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
             "opset": OPSET,
             "max_length": max_length,
             "logits": "all",
+            # what DeepSparse's own pipeline needs (its default internal_kv_cache=True aborts in its compiler;
+            # it rewrites model.onnx in place: give it a copy). docs/interop.md
+            "deepsparse_pipeline": f"deepsparse.TextGeneration(model_path=COPY_OF_THIS_FOLDER, "
+                                   f"internal_kv_cache=False, sequence_length={max_length})",
             "cache": {
                 "layers": n_layers, "kv_heads": kv_heads, "query_heads": model.config.num_attention_heads,
                 "head_dim": head_dim, "dtype": "float32",

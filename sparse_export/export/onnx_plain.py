@@ -5,7 +5,8 @@ tokenizer files and sparse_export.json, whose sparsity figures are counted in th
 
 Graph: inputs input_ids, attention_mask (int64, [batch, sequence]), one output, dynamic batch and
 sequence axes, opset 17. The output depends on the variant (`logits`):
-  last  logits of the last position only, [batch, 1, vocab]: what a prefill for generation needs,
+  last  logits of the last position only, [batch, 1, vocab] (declared so: the 1 is fixed in the graph's
+        output shape): what a prefill for generation needs,
         and the default (the LM head no longer dominates small models). Assumes left padding.
   all   logits of every position, [batch, sequence, vocab].
   none  no LM head: the last hidden state, [batch, sequence, hidden] (to time the decoder stack).
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import archs, models
+from .. import archs, compat, models
 from ..errors import UserError
 from ..outputs import META_FILE, atomic_dir, library_versions, write_json
 from . import graph
@@ -41,6 +42,7 @@ def write_onnx(model, path, logits: str = "last", seqlen: int = 16) -> Path:
         ids = torch.randint(0, model.config.vocab_size, (2, max(seqlen, 2)), generator=g)
         axes = {0: "batch", 1: "sequence"}
         out = output_name(logits)
+        out_axes = {0: "batch"} if logits == "last" else axes  # last: declared [batch, 1, vocab], as returned
         with tempfile.TemporaryDirectory(dir=path.parent) as raw, warnings.catch_warnings():
             warnings.simplefilter("ignore")
             raw_file = Path(raw) / ONNX_FILE
@@ -48,14 +50,25 @@ def write_onnx(model, path, logits: str = "last", seqlen: int = 16) -> Path:
             torch.onnx.export(wrapper, (ids, torch.ones_like(ids)), str(raw_file), dynamo=False,
                               opset_version=OPSET, do_constant_folding=True,
                               input_names=list(PLAIN_INPUTS), output_names=[out],
-                              dynamic_axes={"input_ids": axes, "attention_mask": axes, out: axes})
-            if len(os.listdir(raw)) == 1 and raw_file.stat().st_size <= graph.EXTERNAL_DATA_BYTES:
+                              dynamic_axes={"input_ids": axes, "attention_mask": axes, out: out_axes})
+            inline = len(os.listdir(raw)) == 1 and raw_file.stat().st_size <= graph.EXTERNAL_DATA_BYTES
+            if inline and logits != "last":
                 os.replace(raw_file, path)  # weights inline and small enough: final as it is
             else:  # past 2 GB torch writes one data file per tensor: gather them into one
-                save_onnx(load_onnx(raw_file), path)
+                proto = load_onnx(raw_file)
+                if logits == "last":
+                    fix_output_dim(proto, 1, 1)
+                save_onnx(proto, path)
     finally:
         model.set_attn_implementation(attn)
     return path
+
+
+def fix_output_dim(proto, axis: int, size: int) -> None:
+    """Declare the first output's `axis` as the fixed `size` (torch names it with a made-up symbol)."""
+    dim = proto.graph.output[0].type.tensor_type.shape.dim[axis]
+    dim.Clear()
+    dim.dim_value = size
 
 
 def write_deployment(model, tokenizer, folder, logits: str = "last", seqlen: int = 16, source=None,
@@ -72,6 +85,7 @@ def write_deployment(model, tokenizer, folder, logits: str = "last", seqlen: int
     onnx_path = write_onnx(model, folder / ONNX_FILE, logits, seqlen)
     model.config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+    compat.portable_folder(folder)  # files transformers 4 / tokenizers 0.15 (DeepSparse's pipeline) read
     proto = load_onnx(onnx_path)  # counted in the file as written
     weights = weight_sparsity(proto)
     problems = match_modules(weights, proto, model)
@@ -90,6 +104,12 @@ def write_deployment(model, tokenizer, folder, logits: str = "last", seqlen: int
         "onnx_file": ONNX_FILE,
         "external_data": (folder / (ONNX_FILE + ".data")).exists(),
         "trace_seqlen": seqlen,
+        "declared_output_shape": ["batch", 1 if logits == "last" else "sequence",
+                                  model.config.vocab_size if logits != "none" else model.config.hidden_size],
+        # DeepSparse's own benchmark runs its engine only on fixed shapes, and -shapes rewrites model.onnx
+        # in place: run it on a copy (docs/interop.md)
+        "deepsparse_benchmark": 'cp -r DEPLOY /tmp/bench && deepsparse.benchmark /tmp/bench/model.onnx '
+                                '-shapes "[1,400],[1,400]"   (batch 1 x 400 tokens: both inputs)',
         "architecture": archs.model_type(model),
         **summary,
         **({"validation": validation} if validation else {}),

@@ -9,10 +9,13 @@ import numpy as np
 from .. import isolate
 from ..errors import UserError
 from ..outputs import Timer, cpu_name, library_versions, peak_rss_gib, read_meta, write_json
+from ..progress import progress as progress_bar
 from ..report import table
 from ..runtimes import GENERATE_RUNTIMES, installed
 from ..runtimes.generate import KVSession
+from . import machine
 from .plots import bar_chart
+from .prefill import with_crash_policy
 
 GENERATE_COLUMNS = [("runtime", "runtime"), ("model", "model"), ("sparsity", "sparsity"), ("load s", "load_s"),
            ("TTFT ms", "ttft_ms"), ("decode tok/s", "decode_tok_s"), ("ms/token", "decode_ms_median"),
@@ -59,16 +62,17 @@ def measure_generation(folders: dict, runtime: str, prompt_tokens: int = 256, ne
 def _row(label, folder, runtime, session, runs, prompt_tokens, new_tokens, iterations, threads):
     meta = read_meta(folder)
     steps = [s for r in runs for s in r["steps"]]
-    decode_s = statistics.median(r["decode_s"] for r in runs)
+    step_ms = 1000 * statistics.median(steps)
     return {
         "model": label, "folder": str(folder), "runtime": runtime,
         "sparsity": meta.get("prunable_sparsity"), "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens, "max_length": session.max_length, "iterations": iterations,
         "threads": threads, "load_s": session.compile_s,
         "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in runs),
-        "decode_tok_s": (new_tokens - 1) / decode_s,
-        "decode_ms_median": 1000 * statistics.median(steps),
+        "decode_tok_s": 1000 / step_ms,          # the same statistic as ms/token: they always agree
+        "decode_ms_median": step_ms,
         "decode_ms_p90": 1000 * float(np.percentile(steps, 90)),
+        "decode_ms_min": 1000 * min(steps),
         "decode_cpu_ms_per_token": 1000 * statistics.median(r["decode_cpu_s"] for r in runs) / (new_tokens - 1),
         "weight_bytes": _weight_bytes(meta), "peak_rss_gib": peak_rss_gib(),
     }
@@ -106,17 +110,16 @@ def _weight_bytes(meta):
 
 def benchmark_generation(folders: dict, runtimes=None, baseline: str | None = None, prompt_tokens: int = 256,
                          new_tokens: int = 128, warmup: int = 1, iterations: int = 3, threads: int | None = None,
-                         progress: bool = True) -> dict:
+                         progress: bool = True, on_crash: str = "raise", log=print) -> dict:
     """Time generation of every model on every runtime; the models of one runtime are loaded together
-    and timed interleaved (measure_generation), DeepSparse in a child process.
+    and timed interleaved (measure_generation), DeepSparse in a child process. on_crash: as in
+    prefill.benchmark_prefill.
 
     folders: {label: KV-cache deployment folder}; `baseline` names the dense one.
     runtimes: default the installed ones of deepsparse, onnxruntime.
-    Returns {"config", "rows", "versions"} like the prefill benchmark (measure/prefill.py).
+    Returns {"config", "rows", "crashes", "trust", "versions"} like the prefill benchmark (measure/prefill.py).
     """
     import gc
-
-    from tqdm import tqdm
 
     runtimes = list(runtimes or [r for r in GENERATE_RUNTIMES if installed(r)])
     if baseline is not None and baseline not in folders:
@@ -126,20 +129,28 @@ def benchmark_generation(folders: dict, runtimes=None, baseline: str | None = No
     for rt in runtimes:
         if rt not in GENERATE_RUNTIMES:
             raise UserError(f"--mode generate runs on {' and '.join(GENERATE_RUNTIMES)}, not '{rt}'")
-    rows = []
-    for rt in tqdm(runtimes, desc="generate benchmark", unit="runtime", disable=not progress):
+    rows, crashes = [], []
+    bar = progress_bar(len(runtimes), "generate benchmark", unit="runtime", enabled=progress)
+    before = machine.snapshot()
+    for rt in runtimes:
         args = dict(folders={k: str(v) for k, v in folders.items()}, runtime=rt, prompt_tokens=prompt_tokens,
                     new_tokens=new_tokens, warmup=warmup, iterations=iterations, threads=threads)
         # a DeepSparse crash ends its child process, not this job
-        rows += isolate.call("sparse_export.measure.generation:measure_generation", args,
-                             f"DeepSparse generating with {', '.join(folders)}", CRASH_HINT, child=rt == "deepsparse")
+        rows += with_crash_policy(
+            lambda a: isolate.call("sparse_export.measure.generation:measure_generation", a,
+                                   f"DeepSparse generating with {', '.join(folders)}", CRASH_HINT,
+                                   child=rt == "deepsparse"),
+            args, rt, list(folders), on_crash, crashes, log)
+        bar.update(1)
         gc.collect()
+    bar.close()
+    trust = machine.trust(before, machine.snapshot(), rows, spread_of=("decode_ms_p90", "decode_ms_min"))
     add_generation_speedups(rows, baseline)
     config = {"mode": "generate", "batch": 1, "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
               "warmup": warmup, "iterations": iterations, "threads": threads or "all", "baseline": baseline,
               "models": {k: str(v) for k, v in folders.items()}, "cpu": cpu_name(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return {"config": config, "rows": rows, "versions": library_versions()}
+    return {"config": config, "rows": rows, "crashes": crashes, "trust": trust, "versions": library_versions()}
 
 
 def add_generation_speedups(rows: list[dict], baseline: str | None) -> list[dict]:

@@ -16,10 +16,12 @@ import numpy as np
 
 from .. import isolate, models
 from ..data import random_tokens
-from ..errors import UserError
+from ..errors import EngineCrash, UserError
 from ..outputs import cpu_name, library_versions, peak_rss_gib, reset_peak_rss, write_json
+from ..progress import progress as progress_bar
 from ..report import table
 from ..runtimes import CPU_RUNTIMES, get_runtime, installed
+from . import machine
 from .plots import bar_chart
 
 PREFILL_COLUMNS = [("runtime", "runtime"), ("model", "model"), ("load s", "load_s"), ("median ms", "median_ms"),
@@ -96,17 +98,18 @@ def measure_runtime(folders: dict, runtime: str, batch: int, seqlen: int, warmup
 
 def benchmark_prefill(folders: dict, runtimes=None, baseline: str | None = None, batch: int = 1, seqlen: int = 400,
                       warmup: int = 3, iterations: int = 20, threads: int | None = None, logits: str = "last",
-                      inputs=None, keep_outputs: bool = False, progress: bool = True, log=print) -> dict:
+                      inputs=None, keep_outputs: bool = False, progress: bool = True, on_crash: str = "raise",
+                      log=print) -> dict:
     """Time every runtime on every model.
 
     folders:  {label: deployment or model folder}, in order; `baseline` names one of the labels.
     runtimes: runtime names (default: the installed CPU engines).
     inputs:   (input_ids, attention_mask) int64 [batch, seqlen]; default data.random_tokens().
-    Returns {"config", "rows", "versions"}; with keep_outputs each row also holds "output"
-    (the first output, numpy, not for JSON).
+    on_crash: "raise" (an engine crash is an error) or "record" (retry once with one thread, then record
+    it under "crashes" and go on; see with_crash_policy).
+    Returns {"config", "rows", "crashes", "trust", "versions"}; "trust" says how busy the machine was
+    (machine.trust); with keep_outputs each row also holds "output" (the first output, numpy, not for JSON).
     """
-    from tqdm import tqdm
-
     runtimes = list(runtimes or [n for n in CPU_RUNTIMES if installed(n)])
     for name in runtimes:
         get_runtime(name)  # unknown or missing: fail before any work
@@ -129,8 +132,9 @@ def benchmark_prefill(folders: dict, runtimes=None, baseline: str | None = None,
     cpu_only = set(runtimes) <= set(CPU_RUNTIMES)
     if baseline is not None and cpu_only and "onnxruntime" not in runtimes and installed("onnxruntime"):
         plan["onnxruntime"] = {baseline: folders[baseline]}  # the dense ONNX Runtime reference
-    rows = []
-    bar = tqdm(total=sum(len(v) for v in plan.values()), desc="benchmark", unit="model", disable=not progress)
+    rows, crashes = [], []
+    bar = progress_bar(sum(len(v) for v in plan.values()), "benchmark", unit="model", enabled=progress)
+    before = machine.snapshot()
     with tempfile.TemporaryDirectory(prefix="sparse-export-bench-") as scratch:
         np.savez(Path(scratch) / "inputs.npz", ids=ids, mask=mask)
         for name, group in plan.items():
@@ -141,8 +145,11 @@ def benchmark_prefill(folders: dict, runtimes=None, baseline: str | None = None,
                         warmup=warmup, iterations=iterations, threads=threads, logits=logits,
                         inputs=str(Path(scratch) / "inputs.npz"), outputs=str(out_dir) if keep_outputs else None)
             # DeepSparse in a fresh process: timings free of this one's state, crashes contained
-            got = isolate.call("sparse_export.measure.prefill:measure_runtime", args, f"DeepSparse running {', '.join(group)}",
-                               "try --threads 1, or another --runtime", child=name == "deepsparse")
+            got = with_crash_policy(
+                lambda a: isolate.call("sparse_export.measure.prefill:measure_runtime", a,
+                                       f"DeepSparse running {', '.join(group)}", "try --threads 1, or another --runtime",
+                                       child=name == "deepsparse"),
+                args, name, list(group), on_crash, crashes, log)
             for row in got:
                 if keep_outputs:
                     row["output"] = np.load(out_dir / f"{row['model']}.npy")
@@ -152,12 +159,42 @@ def benchmark_prefill(folders: dict, runtimes=None, baseline: str | None = None,
             bar.update(len(group))
             gc.collect()
     bar.close()
+    trust = machine.trust(before, machine.snapshot(), rows)
     add_speedups(rows, baseline)
     config = {"batch": batch, "seqlen": seqlen, "warmup": warmup, "iterations": iterations,
               "threads": threads or "all", "logits": logits, "baseline": baseline,
               "models": {k: str(v) for k, v in folders.items()}, "cpu": cpu_name(),
               "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return {"config": config, "rows": rows, "versions": library_versions()}
+    return {"config": config, "rows": rows, "crashes": crashes, "trust": trust, "versions": library_versions()}
+
+
+def with_crash_policy(measure, args: dict, runtime: str, models_: list[str], on_crash: str, crashes: list,
+                      log) -> list[dict]:
+    """measure(args) -> rows. on_crash="raise": an engine crash is the caller's error. "record": retry once
+    with one thread; if that crashes too, append what happened to `crashes` and return no rows."""
+    try:
+        return measure(args)
+    except EngineCrash as e:
+        if on_crash != "record":
+            raise
+        first = str(e)
+    entry = {"runtime": runtime, "models": models_, "threads": args.get("threads") or "all", "error": first}
+    if args.get("threads") == 1:
+        crashes.append({**entry, "retry": "none (it already ran on one thread)"})
+        log(f"warning: {first}; recorded in the report, the other results are kept")
+        return []
+    log(f"warning: {first}; retrying {runtime} with one thread")
+    try:
+        rows = measure({**args, "threads": 1})
+    except EngineCrash as e:
+        crashes.append({**entry, "retry": f"crashed again with one thread: {e}"})
+        log(f"warning: {runtime} crashed again with one thread; recorded in the report, the other results are kept")
+        return []
+    crashes.append({**entry, "retry": "passed with one thread: these rows are one-thread numbers"})
+    for r in rows:
+        r["threads"] = 1
+        r["note"] = "rerun with one thread after a crash"
+    return rows
 
 
 def prefill_table(result: dict) -> str:

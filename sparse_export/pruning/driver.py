@@ -3,54 +3,40 @@
 The inputs of the first decoder layer are captured once. For each layer: run it over the
 calibration batch with hooks that accumulate one Hessian per distinct input (q/k/v share one,
 gate/up share one), prune every Linear, then run the pruned layer again; its outputs are the
-next layer's inputs. Only one layer's Hessians live at a time.
+next layer's inputs. Only one layer's Hessians live at a time. `prune_layer` is one layer's turn;
+`prune_model` runs it over a model in memory, pruning/stream.py over a model read from its shards.
 """
 
+import contextlib
 import time
 
 import torch
-from tqdm import tqdm
 
 from .. import archs, models
+from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, timed, to_device
+from ..outputs import peak_rss_gib
 from .grid import make_quantizer
 from .pruners import hessian_inverse_factor
 from .recipe import Recipe
 
+_layer_out = layer_out  # the name the tests use
 
-def _chunks(total, size):
-    return [(s, min(s + size, total)) for s in range(0, total, size)]
-
-
-class _Stop(Exception):
-    pass
+PHASES = ("hessian", "factor", "sweep")
 
 
-@torch.no_grad()
-def capture_first_layer_inputs(model, ids: torch.Tensor, batch: int) -> tuple[list, list]:
-    """Hidden states entering decoder layer 0 (all samples) and its keyword arguments per chunk."""
-    layers = models.decoder_layers(model)
-    hidden, kwargs = [], []
+class Clock:
+    """Seconds one layer spends accumulating Hessians, factoring them and sweeping columns."""
 
-    def grab(module, args, kw):
-        hidden.append(args[0] if args else kw.pop("hidden_states"))
-        kw = {k: v for k, v in kw.items() if k != "hidden_states"}
-        kwargs.append(kw)
-        raise _Stop
+    def __init__(self):
+        self.seconds = dict.fromkeys(PHASES, 0.0)
 
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for s, e in _chunks(ids.shape[0], batch):
-            try:
-                model(input_ids=ids[s:e], use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return hidden, kwargs
-
-
-def _layer_out(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
+    @contextlib.contextmanager
+    def __call__(self, phase):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] += time.perf_counter() - t0
 
 
 def gram_(H: torch.Tensor, X: torch.Tensor, alpha: float = 2.0) -> torch.Tensor:
@@ -76,8 +62,9 @@ class _InputStats:
     Modules that receive the same tensor in a forward pass (q/k/v, gate/up) share one Hessian.
     """
 
-    def __init__(self):
+    def __init__(self, clock: Clock | None = None):
         self.H, self.tokens, self.group_of, self._seen = {}, {}, {}, {}
+        self.clock = clock or Clock()
 
     def add(self, name, x):
         key = (x.data_ptr(), tuple(x.shape))
@@ -87,12 +74,13 @@ class _InputStats:
             return group
         group = self.group_of.setdefault(name, name)
         self._seen[key] = (group, x)               # hold x so its address is not reused this pass
-        x2 = x.reshape(-1, x.shape[-1]).float()
-        if group not in self.H:
-            self.H[group] = torch.zeros(x2.shape[1], x2.shape[1])
-            self.tokens[group] = 0
-        gram_(self.H[group], x2)
-        self.tokens[group] += x2.shape[0]
+        with self.clock("hessian"):
+            x2 = x.reshape(-1, x.shape[-1]).float()
+            if group not in self.H:
+                self.H[group] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
+                self.tokens[group] = 0
+            gram_(self.H[group], x2)
+            self.tokens[group] += x2.shape[0]
         return group
 
     def next_pass(self):
@@ -147,16 +135,24 @@ def _store(mods, names, new, loss, scales, secs, stats):
             stats[name]["scale"] = scales[k].tolist()
 
 
-def _prune_names(mods, names, H, recipe, stats, factor=None):
+def _prune_names(mods, names, H, recipe, stats, factor=None, clock=None):
+    clock = clock or Clock()
     t0 = time.perf_counter()
-    weights = [models.weight_2d(mods[n]).float() for n in names]
-    new, _, loss, scales = prune_group(H, weights, recipe, factor)
-    _store(mods, names, new, loss, scales, time.perf_counter() - t0, stats)
+    with clock("sweep"):
+        weights = [models.weight_2d(mods[n]).float() for n in names]
+        new, _, loss, scales = prune_group(H, weights, recipe, factor)
+        _store(mods, names, new, loss, scales, time.perf_counter() - t0, stats)
 
 
-def _layer_one_pass(layer, mods, hidden, kw, recipe, stats):
+def _factor(H, recipe, clock):
+    with clock("factor"):
+        return hessian_inverse_factor(H, recipe.dampening)
+
+
+def _layer_one_pass(layer, mods, hidden, kw, recipe, stats, clock=None):
     """One forward: each module is pruned when first called, from the (already pruned) upstream."""
-    st = _InputStats()
+    clock = clock or Clock()
+    st = _InputStats(clock)
     names_by_mod = {id(m): n for n, m in mods.items()}
 
     factors = {}
@@ -168,9 +164,9 @@ def _layer_one_pass(layer, mods, hidden, kw, recipe, stats):
         factor = None
         if recipe.pruner.shares_factor:  # q/k/v (gate/up) share one input: factor H once
             if group not in factors:
-                factors[group] = hessian_inverse_factor(H, recipe.dampening)
+                factors[group] = _factor(H, recipe, clock)
             factor = factors[group]
-        _prune_names(mods, [name], H, recipe, stats, factor)
+        _prune_names(mods, [name], H, recipe, stats, factor, clock)
 
     handles = [m.register_forward_pre_hook(pre) for m in mods.values()]
     try:
@@ -180,9 +176,13 @@ def _layer_one_pass(layer, mods, hidden, kw, recipe, stats):
             h.remove()
 
 
-def _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats):
-    """Chunked: accumulate Hessians over all chunks with dense weights, prune, run again."""
-    st = _InputStats()
+def _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats, device=None, out=None, clock=None):
+    """Chunked: accumulate Hessians over all chunks with dense weights, prune, run again.
+
+    hidden: chunks on the host (a list or an Activations store); each goes to `device` for its
+    forward. The outputs go to `out` (a store) when given, else they are returned as a list."""
+    clock = clock or Clock()
+    st = _InputStats(clock)
     def hook(name):
         def fn(module, args, output):
             st.add(name, args[0])          # returns None: the output is left alone
@@ -190,51 +190,111 @@ def _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats):
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     try:
-        for h, kw in zip(hidden, kwargs):
+        for i, kw in enumerate(kwargs):
             st.next_pass()
-            layer(h, **kw)
+            layer(to_device(hidden[i], device), **to_device(kw, device))
     finally:
         for h in handles:
             h.remove()
+    st.next_pass()
     for group, names in st.groups(mods).items():
-        _prune_names(mods, names, st.hessian(group), recipe, stats)
-    return [_layer_out(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+        H = st.hessian(group)
+        # the factor SparseGPT would compute itself, computed here to time it apart from the sweep
+        factor = _factor(H, recipe, clock) if recipe.pruner.shares_factor else None
+        _prune_names(mods, names, H, recipe, stats, factor, clock)
+    results = []
+    for i, kw in enumerate(kwargs):
+        h = layer_out(layer(to_device(hidden[i], device), **to_device(kw, device))).to("cpu")
+        if out is None:
+            results.append(h)
+        else:
+            out[i] = h
+    return results if out is None else out
+
+
+def layer_modules(model, i: int, targets) -> dict:
+    """{full name: module} of the prunable modules of decoder layer i that are in `targets`."""
+    prefix = archs.arch_of(model).layers
+    layer = models.decoder_layers(model)[i]
+    return {f"{prefix}.{i}.{n}": mod for n, mod in layer.named_modules()
+            if models.prunable(mod) and f"{prefix}.{i}.{n}" in targets}
+
+
+@torch.no_grad()
+def prune_layer(layer, mods: dict, hidden, kwargs: list, recipe: Recipe, stats: dict, one_pass: bool,
+                device: torch.device | None = None, out=None) -> tuple[object, dict]:
+    """One layer's turn: prune `mods` (its modules) from the calibration chunks `hidden`.
+
+    Returns (the layer's outputs: `out` when given, else a list of chunks on the host; or None
+    without calibration, and the layer's timing {wall_s, cpu_s, forward_s, hessian_s, factor_s, sweep_s}).
+    The layer runs on `device` (it is moved there); the chunks go there one at a time."""
+    device = device or torch.device("cpu")
+    clock = Clock()
+    w0, c0 = timed()
+    layer.to(device)
+    result = None
+    if not recipe.pruner.needs_calibration:
+        for name in mods:
+            _prune_names(mods, [name], None, recipe, stats, clock=clock)
+    elif one_pass:
+        h = layer_out(_layer_one_pass(layer, mods, to_device(hidden[0], device), to_device(kwargs[0], device),
+                                      recipe, stats, clock)).to("cpu")
+        if out is None:
+            result = [h]
+        else:
+            out[0] = h
+            result = out
+    else:
+        result = _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats, device, out, clock)
+    w1, c1 = timed()
+    timing = {"wall_s": w1 - w0, "cpu_s": c1 - c0, **{f"{k}_s": v for k, v in clock.seconds.items()}}
+    timing["forward_s"] = max(0.0, timing["wall_s"] - sum(clock.seconds.values()))
+    timing["peak_gib"] = peak_rss_gib()
+    if device.type == "cuda":
+        timing["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result, timing
+
+
+def calibration_mode(model, recipe: Recipe, ntokens: int, one_pass: bool | None = None) -> tuple[bool, str]:
+    """(one_pass, mode name): one pass when the layer activations of all tokens fit ONE_PASS_BUDGET."""
+    if not recipe.pruner.needs_calibration:
+        return False, "none"
+    if one_pass is None:
+        one_pass = one_pass_fits(model, ntokens)
+    return one_pass, ("one-pass" if one_pass else "two-pass")
 
 
 @torch.no_grad()
 def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool = True,
-                one_pass: bool | None = None) -> tuple[dict, str]:
-    """Prune `model` in place. Returns (per-matrix stats {name: {...}}, calibration mode).
+                one_pass: bool | None = None, device: str | torch.device = "cpu",
+                layer_log: list | None = None) -> tuple[dict, str]:
+    """Prune `model` (in memory, on the host) in place. Returns (per-matrix stats {name: {...}}, calibration mode).
 
     one_pass: run each layer once over all calibration tokens, pruning every module from the
     outputs of the already-pruned modules before it (default when the activations fit in
     ONE_PASS_BUDGET); otherwise run chunks of `batch` samples twice per layer.
+    device: where each layer runs during its turn (then it goes back to the host).
+    layer_log: a list that receives each layer's timing.
     """
     recipe.validate()
+    device = device if isinstance(device, torch.device) else pick_device(device)
     layers = models.decoder_layers(model)
-    prefix = archs.arch_of(model).layers
     targets = set(models.prunable_names(model, recipe.ignore))
     needs_data = recipe.pruner.needs_calibration
-    if needs_data and one_pass is None:
-        one_pass = one_pass_fits(model, calib_ids.numel())
-    mode = "none" if not needs_data else ("one-pass" if one_pass else "two-pass")
+    one_pass, mode = calibration_mode(model, recipe, calib_ids.numel() if needs_data else 0, one_pass)
     stats = {}
+    hidden, kwargs = None, []
     if needs_data:
-        dev = next(model.parameters()).device
-        hidden, kwargs = capture_first_layer_inputs(model, calib_ids.to(dev),
-                                                    calib_ids.shape[0] if one_pass else batch)
+        hidden, kwargs = capture_first_layer_inputs(model, calib_ids, calib_ids.shape[0] if one_pass else batch)
 
-    bar = tqdm(total=len(layers), desc=f"pruning ({recipe.method})", unit="layer", disable=not progress)
+    bar = LayerBar(len(layers), f"pruning ({recipe.method})", device, progress)
     for i, layer in enumerate(layers):
-        mods = {f"{prefix}.{i}.{n}": mod for n, mod in layer.named_modules()
-                if models.prunable(mod) and f"{prefix}.{i}.{n}" in targets}
-        if not needs_data:
-            for name in mods:
-                _prune_names(mods, [name], None, recipe, stats)
-        elif one_pass:
-            hidden = [_layer_one_pass(layer, mods, hidden[0], kwargs[0], recipe, stats)]
-        else:
-            hidden = _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats)
-        bar.update(1)
+        hidden, timing = prune_layer(layer, layer_modules(model, i, targets), hidden, kwargs, recipe, stats,
+                                     one_pass, device)
+        if device.type != "cpu":
+            layer.to("cpu")
+        if layer_log is not None:
+            layer_log.append({"layer": i, **timing})
+        bar.step()
     bar.close()
     return stats, mode

@@ -6,6 +6,9 @@ from pathlib import Path
 import torch
 
 from .. import archs, data, models
+from ..checkpoints import check_shards, streamable
+from ..errors import UserError
+from ..layerwise import ACTIVATION_BUDGET, pick_device
 from ..outputs import Timer, atomic_dir, library_versions, peak_rss_gib, read_meta
 from .driver import prune_model
 from .grid import QUANT_HEADROOM, grid_info, round_weights
@@ -21,13 +24,35 @@ def plain_copy(model_spec, folder) -> Path:
     return folder
 
 
-def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | None = None, log=print) -> dict:
-    """Prune MODEL into the save_pretrained folder `out`. Returns the metadata written."""
+def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | None = None, log=print,
+          device: str = "cpu", stream: bool | None = None, resume: bool = False, offload=None,
+          activation_budget: int | None = ACTIVATION_BUDGET) -> dict:
+    """Prune MODEL into the save_pretrained folder `out`. Returns the metadata written.
+
+    stream: read and write one decoder layer at a time (pruning/stream.py); None: when streamable() says
+    so. resume, offload, activation_budget: streamed only (see stream_prune)."""
     recipe.validate()
+    models.check_model(model_spec)  # a missing folder or an unreachable hub: one line, before anything else
     if recipe.pruner.needs_calibration:
         data.check_source(recipe.calib, allow_self=True)
+    dev = pick_device(device)
     if threads:
         torch.set_num_threads(threads)
+    if stream is None:
+        stream = streamable(model_spec, recipe.calib if recipe.pruner.needs_calibration else None)
+    if stream:
+        from .stream import stream_prune
+
+        kind, where = models.resolve(model_spec)
+        if kind != "folder":
+            raise UserError(f"--stream needs a local safetensors model folder; {model_spec} loads in memory "
+                            "(use --no-stream)")
+        return stream_prune(where, out, recipe, force=force, resume=resume, device=dev, offload=offload,
+                            activation_budget=activation_budget, log=log, source=model_spec)
+    if resume:
+        raise UserError("--resume continues a streamed prune (--stream, or a local safetensors folder over 2 GiB); "
+                        "this one runs in memory")
+    check_shards(model_spec)
     with atomic_dir(out, force) as tmp:
         with Timer() as t_load:
             model, tokenizer = models.load_model(model_spec)
@@ -40,7 +65,8 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
         log(f"loaded {model_spec} ({archs.model_type(model)}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {t_load.wall:.1f}s")
         with Timer() as t_prune:
-            stats, mode = prune_model(model, calib, recipe)
+            layer_log = []
+            stats, mode = prune_model(model, calib, recipe, device=dev, layer_log=layer_log)
         total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
         zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
         meta = {
@@ -54,10 +80,14 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
             "pruned_sparsity": zeros / max(total, 1),
             "calibration_mode": mode,
             "matrices": stats,
+            "streamed": False,
+            "device": str(dev),
+            "layers": layer_log,
             "timing": {"load_s": t_load.wall, "calibration_data_s": t_calib.wall,
                        "prune_wall_s": t_prune.wall, "prune_cpu_s": t_prune.cpu,
                        "threads": torch.get_num_threads()},
             "peak_memory_gib": peak_rss_gib(),
+            **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30} if dev.type == "cuda" else {}),
             "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }

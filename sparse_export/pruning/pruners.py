@@ -23,7 +23,7 @@ def hessian_inverse_factor(H: torch.Tensor, dampening: float = 0.01) -> tuple[to
     H = H.detach().float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
-    idx = torch.arange(H.shape[0])
+    idx = torch.arange(H.shape[0], device=H.device)
     H[idx, idx] += dampening * torch.mean(torch.diag(H))
     for dtype in (torch.float32, torch.float64):
         L, info = torch.linalg.cholesky_ex(H.to(dtype))
@@ -43,7 +43,7 @@ def _split_rows(rows, row_splits):
 
 def _lowest_fraction(score, fraction, row_splits, per_row=False):
     """Boolean mask of the `fraction` lowest scores, counted per row or per matrix of each split."""
-    mask = torch.zeros(score.shape, dtype=torch.bool)
+    mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
     start = 0
     for rows in _split_rows(score.shape[0], row_splits):
         part = score[start:start + rows]

@@ -19,26 +19,26 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import archs, data, models
+from .. import accuracy, archs, data, models
 from ..errors import UserError
 from ..evaluate import evaluate
 from ..export.int8_calib import fake_int8
 from ..export.onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, prepare_int8, write_int8_deployment
 from ..export.onnx_kv import export_kv_onnx
 from ..export.onnx_plain import write_deployment
-from ..export.validate import INT8_NOISE_FACTOR, agreement, int8_tolerance, reference_output
-from ..measure.generation import benchmark_generation, generation_table, plot_generation
-from ..measure.prefill import benchmark_prefill, prefill_table, save_prefill
-from ..outputs import atomic_dir, library_versions, read_meta
+from ..export.validate import agreement, int8_tolerance, reference_output
+from ..measure.generation import benchmark_generation, plot_generation
+from ..measure.machine import trust_line
+from ..measure.prefill import benchmark_prefill, save_prefill
+from ..outputs import atomic_dir, library_versions, read_meta, relocate, relocate_meta_files
 from ..pruning.jobs import prune
-from ..pruning.pruners import PRUNERS
-from ..report import fmt, table, write_report
+from ..report import write_report
 from ..runtimes import CPU_RUNTIMES, GENERATE_RUNTIMES, get_runtime, installed
+from .cpu_report import PAPER_OPT_2_7B, cpu_sections
 from .options import CpuOptions
 
-# SparseGPT paper (Frantar & Alistarh 2023): end-to-end DeepSparse speedup of OPT-2.7B on CPU
-PAPER_OPT_2_7B = {0.4: 1.57, 0.5: 1.82, 0.6: 2.16}
 PLOT = "latency.png"
+HELD_OUT = (4, 128)   # windows x tokens the accuracy section compares dense and pruned on
 
 
 @dataclass
@@ -57,6 +57,10 @@ class _Run:
     exports: dict = field(default_factory=dict)      # label -> deployment metadata
     ppl: dict = field(default_factory=dict)          # label -> perplexity result
     prune_meta: dict = None
+    held_out: object = None                          # token windows for the accuracy section
+    dense_logprobs: object = None
+    accuracy: dict = field(default_factory=dict)     # label -> distribution shift; "completions", "held_out"
+    warnings: list = field(default_factory=list)
 
     def step_log(self, msg):  # steps write into the temporary folder: leave out their "wrote" lines
         if not str(msg).startswith("wrote "):
@@ -64,9 +68,12 @@ class _Run:
 
 
 def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
-    """Prune, export dense and sparse ONNX, verify, benchmark, report. Returns report.json's dict."""
+    """Prune, export dense and sparse ONNX, verify, benchmark, report. Returns report.json's dict.
+
+    An engine that crashes in a measurement is retried once on one thread and otherwise recorded in the
+    report: the artifacts and the other results are kept (exit 0, with a warning line)."""
     opts.validate()
-    runtimes = check_inputs(opts)
+    runtimes = check_inputs(model, opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     with atomic_dir(out, opts.force) as tmp:
@@ -76,17 +83,20 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
         deploy(run)
         result = prefill_step(run)
         report = _report_dict(run, result)
-        sections = _sections(report, report["benchmark"]["rows"])
-        sections += _generation_sections(run, gen_skip, report)
-        write_report(run.tmp, _title(run), sections, report, plot=PLOT)
+        report["generate"] = generation_results(run, gen_skip)
+        report["warnings"] = _warnings(run, report)
+        report = relocate(report, run.tmp)                        # paths relative to the output folder
+        relocate_meta_files(run.tmp, Path(out).resolve())         # the deployments' own JSON: final paths
+        write_report(run.tmp, _title(run), cpu_sections(report, str(out)), report, plot=PLOT)
     outputs = ["pruned-model/", "onnx-dense/", "onnx-sparse/"] + (["onnx-int8/"] if opts.int8 else [])
     outputs += [] if gen_skip else ["dense-kv/", "sparse-kv/", "generate.png"]
     log(f"wrote {out} ({', '.join(outputs + ['report.md', 'report.json', PLOT])})")
     return report
 
 
-def check_inputs(opts: CpuOptions) -> list[str]:
-    """Data sources and runtimes, before any work. Returns the runtimes to use."""
+def check_inputs(model: str, opts: CpuOptions) -> list[str]:
+    """The model spec, data sources and runtimes, before any work. Returns the runtimes to use."""
+    models.check_model(model)
     data.check_source(opts.recipe.calib, allow_self=True)
     if opts.eval_data is not None:
         data.check_source(opts.eval_data)
@@ -110,8 +120,8 @@ def _deploy_fp32(run: _Run, label: str, spec, m, tok):
 
 
 def load_dense(run: _Run) -> str | None:
-    """Load the original model, pick the benchmark inputs, write onnx-dense/. Returns why generation
-    is skipped (None: it runs)."""
+    """Load the original model, pick the benchmark inputs and the held-out tokens, write onnx-dense/.
+    Returns why generation is skipped (None: it runs)."""
     o = run.opts
     run.log(f"loading {run.model}")
     dense, tok = models.load_model(run.model)
@@ -119,10 +129,37 @@ def load_dense(run: _Run) -> str | None:
     gen_skip = _generation_skip(dense, o, run.runtimes)
     run.inputs, run.inputs_note = _text_inputs(o.eval_data or o.recipe.calib, tok, o.bench_batch, o.bench_seqlen,
                                                dense.config.vocab_size)
+    dense.float()
+    run.held_out, source = _held_out(dense, tok, o)
+    run.log(f"accuracy: dense next-token distributions on {run.held_out.numel()} held-out tokens ({source})")
+    run.dense_logprobs = accuracy.next_token_logprobs(dense, run.held_out)
+    run.accuracy = {"held_out": {"source": source, "tokens": run.held_out.numel()},
+                    "completions": {"prompts": list(accuracy.PROMPTS),
+                                    "dense": accuracy.greedy_completions(dense, tok)}}
     _deploy_fp32(run, "dense", run.model, dense, tok)
     del dense
     gc.collect()
     return gen_skip
+
+
+def _held_out(model, tok, o: CpuOptions):
+    """Tokens the accuracy section compares on: the evaluation text when given, else text the dense model
+    writes itself from a seed other than the calibration's (held out from calibration either way)."""
+    n, L = HELD_OUT
+    if o.eval_data is not None:
+        windows = data.eval_windows(o.eval_data, tok, L, max_segments=n)
+        return windows, f"first {windows.shape[0]} x {L} tokens of {o.eval_data}"
+    seed = o.recipe.seed + 1000
+    return data.self_generated(model, tok, n, L, seed), f"{n} x {L} tokens the dense model wrote (seed {seed})"
+
+
+def _measure_accuracy(run: _Run, label: str, model, tok) -> None:
+    """Distribution shift of `model` from the dense model, and its greedy completions."""
+    shift = accuracy.distribution_shift(run.dense_logprobs, accuracy.next_token_logprobs(model, run.held_out))
+    run.accuracy[label] = shift
+    run.accuracy["completions"][label] = accuracy.greedy_completions(model, tok)
+    run.log(f"accuracy of the {label} model: top-1 agreement with dense {shift['top1_agreement']:.1%}, "
+            f"KL {shift['kl_nats_per_token']:.4f} nats/token")
 
 
 def prune_step(run: _Run) -> None:
@@ -136,6 +173,8 @@ def deploy(run: _Run) -> None:
     onnx-int8/."""
     pruned_dir = run.tmp / "pruned-model"
     sparse, tok = models.load_model(pruned_dir)
+    sparse.float()
+    _measure_accuracy(run, "sparse", sparse, tok)
     _deploy_fp32(run, "sparse", pruned_dir, sparse, tok)
     if run.opts.int8:
         run.folders["int8"] = run.tmp / "onnx-int8"
@@ -161,6 +200,7 @@ def _deploy_int8(run: _Run, model, tok, pruned_dir):
             run.ppl["int8"] = evaluate(pruned_dir, o.eval_data, o.eval_seqlen, o.max_segments, model=model,
                                        tokenizer=tok)
         run.reference["int8"] = reference_output(model, o.logits, *run.inputs)
+        _measure_accuracy(run, "int8", model, tok)
     extra = {"weight_source": how, "outlier_ratio": OUTLIER_RATIO,
              "calibration": {"source": str(r.calib), "nsamples": n, "seqlen": L, "seed": r.seed, "range": "min/max"}}
     return write_int8_deployment(model, tok, run.folders["int8"], scales, qparams, attn, o.logits,
@@ -173,7 +213,9 @@ def prefill_step(run: _Run) -> dict:
     run.log(f"benchmark: {', '.join(run.runtimes)} on {o.bench_batch}x{o.bench_seqlen} tokens")
     result = benchmark_prefill(run.folders, run.runtimes, baseline="dense", batch=o.bench_batch,
                                seqlen=o.bench_seqlen, warmup=o.warmup, iterations=o.iterations, threads=o.threads,
-                               logits=o.logits, inputs=run.inputs, keep_outputs=True, log=run.log)
+                               logits=o.logits, inputs=run.inputs, keep_outputs=True, on_crash="record",
+                               log=run.log)
+    run.log(trust_line(result["trust"]))
     rows = result["rows"]
     agree = agreement([r for r in rows if r["model"] != "int8"], run.reference)
     if o.int8:
@@ -185,9 +227,11 @@ def prefill_step(run: _Run) -> dict:
     return result
 
 
-def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opts: CpuOptions, log=print) -> dict:
+def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opts: CpuOptions,
+                    log=print) -> dict:
     """KV-cache graphs of the dense and pruned models (out_dir/dense-kv, out_dir/sparse-kv), decode speed
-    on `runtimes`, out_dir/generate.png. Returns {"result", "markdown"}."""
+    on `runtimes` (a crashing engine is retried on one thread, then recorded), out_dir/generate.png.
+    Returns the generation benchmark's result."""
     out_dir = Path(out_dir)
     log(f"generation benchmark: {', '.join(runtimes)}, {opts.prompt_tokens}-token prompt, "
         f"{opts.new_tokens} new tokens")
@@ -195,24 +239,34 @@ def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opt
     for src, dst in ((dense_model, folders["dense"]), (sparse_model, folders["sparse"])):
         export_kv_onnx(src, dst, opts.prompt_tokens + opts.new_tokens, force=True, log=log)
     result = benchmark_generation(folders, runtimes, "dense", opts.prompt_tokens, opts.new_tokens,
-                                  iterations=min(opts.iterations, 3), threads=opts.threads)
-    plot_generation(result, out_dir / "generate.png")
-    md = (f"## Generation ({opts.prompt_tokens}-token prompt, {opts.new_tokens} new tokens, batch 1)\n\n"
-          + generation_table(result) + "\n\n![decode speed](generate.png)\n")
-    return {"result": result, "markdown": md}
+                                  iterations=min(opts.iterations, 3), threads=opts.threads, on_crash="record",
+                                  log=log)
+    log(trust_line(result["trust"]))
+    if result["rows"]:
+        plot_generation(result, out_dir / "generate.png")
+    return result
 
 
-def _generation_sections(run: _Run, gen_skip: str | None, report: dict) -> list:
-    """Runs generation_step unless skipped; fills report["generate"]; returns the report sections."""
+def generation_results(run: _Run, gen_skip: str | None) -> dict:
+    """generation_step unless skipped (then {"skipped": why})."""
     if gen_skip:
         run.log(f"generation benchmark skipped: {gen_skip}")
-        report["generate"] = {"skipped": gen_skip}
-        return [("Generation", f"Not measured: {gen_skip}.")] if run.opts.generate else []
-    gen = generation_step(run.model, run.tmp / "pruned-model", run.tmp,
-                          [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log)
-    report["generate"] = gen["result"]
-    heading, _, body = gen["markdown"].partition("\n")
-    return [(heading.lstrip("# "), body)]
+        return {"skipped": gen_skip}
+    return generation_step(run.model, run.tmp / "pruned-model", run.tmp,
+                           [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log)
+
+
+def _warnings(run: _Run, report: dict) -> list[str]:
+    """Crashes and doubtful timings, once more on the terminal and at the top of the report."""
+    out = []
+    for name, res in (("prefill", report["benchmark"]), ("generation", report.get("generate") or {})):
+        for c in res.get("crashes", []):
+            out.append(f"{c['runtime']} crashed in the {name} benchmark ({c['error']}); retry: {c['retry']}")
+        for w in (res.get("trust") or {}).get("warnings", []):
+            out.append(f"{name} timings: {w}; rerun on a quiet machine before trusting the speedups")
+    for w in out:
+        run.log(f"warning: {w}")
+    return out
 
 
 def _title(run: _Run) -> str:
@@ -229,6 +283,7 @@ def _report_dict(run: _Run, result: dict) -> dict:
                        **({"quant": _quant_summary(e["int8"])} if "int8" in e else {})}
                    for k, e in run.exports.items()},
         "verify": {"inputs": run.inputs_note, "agreement": result.pop("agreement"), "perplexity": run.ppl},
+        "accuracy": run.accuracy,
         "benchmark": result,
         "paper_opt_2_7b_deepsparse": {str(k): v for k, v in PAPER_OPT_2_7B.items()},
         "versions": library_versions(),
@@ -263,78 +318,3 @@ def _quant_summary(meta_int8):
     out = {x: y for x, y in meta_int8.items() if x != "activations"}
     out["attention"] = {x: y for x, y in meta_int8["attention"].items() if x != "qparams"}
     return out
-
-
-def _sections(r, rows):
-    e, v, p = r["export"], r["verify"], r["prune"]
-    s = p["pruned_sparsity"]
-    summary = "\n".join([
-        f"- Model `{r['model']}`, pruned one-shot with {PRUNERS[r['recipe']['method']].title} to {s:.1%} of the decoder-layer weights "
-        f"(calibration `{r['recipe']['calib']}`, {r['recipe']['nsamples']} x {r['recipe']['seqlen']} tokens).",
-        f"- Sparsity counted in `onnx-sparse/model.onnx`: {e['sparse']['prunable_sparsity']:.2%} over its "
-        f"{e['sparse']['prunable_matrices']} prunable matrices; each holds exactly the checkpoint's values, "
-        f"so the zero counts equal the checkpoint's matrix by matrix. All weights: "
-        f"{e['sparse']['all_weights_sparsity']:.2%} (embeddings and LM head stay dense).",
-        f"- Graph output: `{r['logits']}` logits (`last` = last position only, what a prefill needs).",
-    ])
-    if "int8" in e:
-        summary += (
-            f"\n- INT8 (`onnx-int8/`): pruned jointly onto the int8 weight grid (SparseGPT rounds each kept "
-            f"weight before propagating its error), so `onnx-sparse/` and `onnx-int8/` hold the same weights. "
-            f"{e['int8']['quant']['matmul_integer']} of {e['int8']['prunable_matrices']} Linear layers run as "
-            f"QuantizeLinear -> MatMulInteger -> Cast -> Mul (activations uint8, static per-tensor ranges "
-            f"from calibration); {len(e['int8']['quant']['fp32_linear'])} whose inputs carry massive outliers "
-            f"stay fp32. Attention score matmuls (query x key): "
-            f"{e['int8']['quant']['attention']['score_matmul']}; softmax, probabilities x values, norms, "
-            f"embeddings and the LM head stay fp32. Sparsity counted in the file: "
-            f"{e['int8']['prunable_sparsity']:.2%}. Its torch reference and perplexity use the same integer "
-            f"weights with the same activations fake-quantized. Engines and torch round a few activations "
-            f"differently and those differences spread, so the int8 tolerance is {INT8_NOISE_FACTOR:g}x the "
-            f"largest change quantizing the activations makes to the torch logits.")
-    agree = table(v["agreement"], [("model", "model"), ("runtime", "runtime"),
-                                   ("max abs diff vs torch", "max_abs_diff"),
-                                   ("max abs output", "max_abs_output"), ("tolerance", "tolerance")])
-    sections = [("Summary", summary), ("Side by side", _side_by_side(v["perplexity"], rows)),
-                ("Correctness", f"Outputs on {v['inputs']}, against the torch model in eval mode.\n\n{agree}")]
-    if v["perplexity"]:
-        ppl = [{**x, "model": k} for k, x in v["perplexity"].items()]
-        sections.append(("Perplexity", table(ppl, [("model", "model"), ("data", "data"), ("windows", "windows"),
-                                                   ("seqlen", "seqlen"), ("perplexity", "perplexity")])))
-    c = r["benchmark"]["config"]
-    speed = (f"Forward pass over {c['batch']} x {c['seqlen']} tokens, threads: {c['threads']}, "
-             f"{c['warmup']} warmup + {c['iterations']} timed runs, CPU {c['cpu']}. Load time (DeepSparse: "
-             f"compilation) is apart from latency. CPU ms: process CPU time per run (all threads).\n\n"
-             + prefill_table(r["benchmark"]))
-    sections.append(("Speed", speed))
-    sections.append(("Against the paper", _paper_section(rows, s)))
-    return sections
-
-
-def _side_by_side(ppl, rows):
-    """One line per model: perplexity, then latency and speedup over dense on each runtime."""
-    runtimes = list(dict.fromkeys(r["runtime"] for r in rows))
-    by = {(r["model"], r["runtime"]): r for r in rows}
-    head = ["model", "perplexity"] + [f"{rt} {x}" for rt in runtimes for x in ("ms", "x dense")]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for m in dict.fromkeys(r["model"] for r in rows):
-        cells = [m, fmt(ppl.get(m, {}).get("perplexity"), ".2f")]
-        for rt in runtimes:
-            r = by.get((m, rt), {})
-            cells += [fmt(r.get("median_ms"), ".1f"), fmt(r.get("speedup_vs_baseline"), ".2f")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nLatency: median of the timed runs (see Speed); perplexity: see Perplexity."
-
-
-def _paper_section(rows, s):
-    ds = {r["model"]: r for r in rows if r["runtime"] == "deepsparse"}
-    ours = ds.get("sparse", {}).get("speedup_vs_baseline")
-    lines = ["| sparsity | DeepSparse speedup | 1/(1-s) limit | share of the limit |", "|---|---|---|---|"]
-    lines.append(f"| {s:.0%} (this run) | {fmt(ours, '.2f')}x | {1 / (1 - s):.2f}x | "
-                 f"{fmt(ours and ours * (1 - s), '.0%')} |")
-    for k, v in PAPER_OPT_2_7B.items():
-        lines.append(f"| {k:.0%} (paper, OPT-2.7B) | {v:.2f}x | {1 / (1 - k):.2f}x | {v * (1 - k):.0%} |")
-    note = ("The paper's numbers are end-to-end DeepSparse speedups of OPT-2.7B (SparseGPT, Frantar & "
-            "Alistarh 2023). 1/(1-s) is the most skipping zero weights can give if weight work were all the work.")
-    if ours is None:
-        note += " DeepSparse was not among the benchmarked runtimes."
-    return "\n".join(lines) + "\n\n" + note

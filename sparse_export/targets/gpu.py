@@ -51,7 +51,7 @@ def run_gpu_target(model: str, out, opts: GpuOptions, log=print) -> dict:
             "versions": library_versions(),
         }
         shutil.rmtree(pruned)
-        write_report(tmp, f"{model}: {recipe.pattern} {recipe.pruner.title} for GPU serving", sections(report), report)
+        write_report(tmp, f"{model}: {recipe.pattern} {recipe.pruner.title} for GPU serving", gpu_sections(report), report)
     log(f"wrote {out} (model/, report.md, report.json)")
     return report
 
@@ -106,7 +106,7 @@ def measure_speed(folder, opts: GpuOptions, log) -> dict:
     return res
 
 
-def sections(r: dict) -> list[tuple[str, str]]:
+def gpu_sections(r: dict) -> list[tuple[str, str]]:
     """report.md's sections, from the report dict."""
     e, v, b, rec = r["export"], r["verify"], r["benchmark"], r["recipe"]
     summary = "\n".join([
@@ -118,6 +118,11 @@ def sections(r: dict) -> list[tuple[str, str]]:
         f"{e['dense_weight_bytes'] / 2**20:.1f} MiB dense ({1 - e['size_ratio']:.1%} smaller).",
         "- It reads with compressed-tensors <= 0.14 (0.14.0.1 is the last release with the sparse "
         "compressors) and serves with vLLM <= 0.18; sparse-export's `eval` and `benchmark` read it too.",
+        "- **Warning: transformers 5 with compressed-tensors >= 0.15 loads this folder without an error but with "
+        "random weights** in every compressed layer (the sparse compressors are gone there). Load it with "
+        "transformers 4.57 + compressed-tensors 0.14.0.1 (+ psutil, accelerate) and "
+        "`from_pretrained(folder, torch_dtype=torch.float32)` (its default float16 changes the weights); "
+        "see docs/gpu.md.",
     ])
     checks = "\n".join([
         f"- Round trip, weights read back against the pruned model: sparse-export "

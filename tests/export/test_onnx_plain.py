@@ -126,3 +126,19 @@ def test_export_is_atomic_and_refuses_to_overwrite(pruned, tiny_dirs, tmp_path):
     with pytest.raises(UserError):
         export_onnx(bad, tmp_path / "never")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "d"]  # no half-made folder
+
+
+@pytest.mark.parametrize("logits", ["last", "all"])
+def test_declared_output_shape_matches_what_the_graph_returns(logits, pruned, tmp_path):
+    """--logits last declares [batch, 1, vocab] (a fixed 1), all [batch, sequence, vocab]: checked against
+    the shape ONNX Runtime returns for inputs unlike the traced ones."""
+    out = tmp_path / "d"
+    meta = export_onnx(pruned["llama"], out, logits=logits, log=lambda *_: None)
+    dims = onnx.load(str(out / "model.onnx")).graph.output[0].type.tensor_type.shape.dim
+    declared = [d.dim_param or d.dim_value for d in dims]
+    assert declared == meta["declared_output_shape"]
+    ids = np.ones((3, 11), np.int64)
+    got = _run_ort(out, ids, ids).shape
+    for d, g in zip(declared, got):
+        assert {"batch": 3, "sequence": 11}.get(d, d) == g
+    assert declared[1] == (1 if logits == "last" else "sequence")

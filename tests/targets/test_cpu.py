@@ -1,6 +1,8 @@
 """The CPU-target commands: export onnx, benchmark, prune-and-export (in-process, through main())."""
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +83,29 @@ def test_prune_and_export_bad_input(tiny_dirs, text_file, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
 
 
+def _paths_are_final(out):
+    """No JSON in the output points into the temporary folder; every absolute path in it exists."""
+    for path in [out / "report.json", *out.rglob("sparse_export.json")]:
+        text = path.read_text()
+        assert ".tmp-" not in text, path
+        found = []
+
+        def walk(x):
+            if isinstance(x, dict):
+                for v in x.values():
+                    walk(v)
+            elif isinstance(x, list):
+                for v in x:
+                    walk(v)
+            elif isinstance(x, str) and x.startswith(str(out.parent)):
+                found.append(x)
+
+        walk(json.loads(text))
+        assert all(Path(x).exists() for x in found), (path, found)
+    r = json.loads((out / "report.json").read_text())
+    assert all((out / f).exists() for f in r["benchmark"]["config"]["models"].values())
+
+
 def _pipeline_args(tiny_dirs, text_file, out, extra=()):
     rts = [a for n in ("onnxruntime", "torch", "deepsparse") if runtimes.installed(n) for a in ("--runtime", n)]
     return ["prune-and-export", str(tiny_dirs["llama"]), "--target", "cpu", "--out", str(out), "--calib",
@@ -121,6 +146,17 @@ def test_prune_and_export_cpu(tiny_dirs, text_file, tmp_path):
     assert all(g["decode_tok_s"] > 0 and g["new_tokens"] == 4 for g in gen.values())
     assert gen[kv_runtimes[0], "dense"]["speedup_vs_baseline"] == 1
     assert gen[kv_runtimes[0], "sparse"]["sparsity"] == pytest.approx(r["export"]["sparse"]["prunable_sparsity"])
+    # accuracy is always there: KL and top-1 against dense, greedy completions side by side
+    acc = r["accuracy"]
+    assert acc["sparse"]["kl_nats_per_token"] > 0 and 0 <= acc["sparse"]["top1_agreement"] <= 1
+    assert len(acc["completions"]["dense"]) == len(acc["completions"]["sparse"]) == len(acc["completions"]["prompts"])
+    for text in ("## Accuracy", "top-1 agreement", "Greedy completions", "## How to deploy this",
+                 f"sparse-export generate {out}/sparse-kv", "Timing conditions" if not r["warnings"] else "WARNING"):
+        assert text in md, text
+    assert "trust" in r["benchmark"] and "trust" in r["generate"] and isinstance(r["warnings"], list)
+    g = r["generate"]["rows"][0]
+    assert g["decode_tok_s"] == pytest.approx(1000 / g["decode_ms_median"])   # one statistic, so they agree
+    _paths_are_final(out)
     # the deployments stay usable where they are: torch finds ../pruned-model
     from sparse_export.runtimes import get_runtime
 
@@ -159,3 +195,47 @@ def test_gpu_target_is_dispatched(tmp_path, monkeypatch):
     monkeypatch.setattr(targets, "run_gpu_target", lambda model, out, opts, log: seen.update(opts=opts, model=model))
     assert main(["prune-and-export", "some/model", "--target", "gpu", "--out", str(tmp_path / "g")]) == 0
     assert seen["model"] == "some/model" and seen["opts"].recipe.pattern == "2:4"
+
+
+@pytest.mark.slow
+def test_a_crashing_engine_keeps_the_artifacts(tiny_dirs, text_file, tmp_path):
+    """Defaults (all cores) on a tiny grouped-query Llama: DeepSparse 1.8 crashes on its KV-cache graph
+    with more than one core. The run retries on one thread, reports what happened, keeps everything."""
+    out = tmp_path / "out"
+    rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--out", str(out), "--calib", str(text_file),
+               "--nsamples", "4", "--seqlen", "32", "--bench-seqlen", "16", "--iterations", "2",
+               "--prompt-tokens", "8", "--new-tokens", "4"])
+    assert rc == 0
+    assert {"pruned-model", "onnx-dense", "onnx-sparse", "dense-kv", "sparse-kv", "report.md"} <= \
+        {p.name for p in out.iterdir()}
+    r = json.loads((out / "report.json").read_text())
+    if runtimes.installed("deepsparse") and (os.cpu_count() or 1) > 1:
+        crash = r["generate"]["crashes"][0]
+        assert crash["runtime"] == "deepsparse" and "crashed" in crash["error"] and crash["retry"]
+        assert any("deepsparse crashed" in w for w in r["warnings"])
+        assert "## Engine crashes" in (out / "report.md").read_text()
+    _paths_are_final(out)
+
+
+@pytest.mark.slow
+def test_a_crash_that_repeats_is_recorded(tiny_dirs, text_file, tmp_path, monkeypatch):
+    """An engine that crashes on one thread too: its rows are missing, the crash is in the report, exit 0."""
+    from sparse_export import isolate
+    from sparse_export.errors import EngineCrash
+
+    real = isolate.call
+
+    def crash_onnxruntime(target, kwargs, what, hint="", child=True):
+        if kwargs.get("runtime") == "onnxruntime" and "prefill" in target:
+            raise EngineCrash("ONNX Runtime running dense, sparse crashed (SIGSEGV)")
+        return real(target, kwargs, what, hint, child)
+
+    monkeypatch.setattr(isolate, "call", crash_onnxruntime)
+    out = tmp_path / "out"
+    assert main(_pipeline_args(tiny_dirs, text_file, out, ["--no-generate"])) == 0
+    r = json.loads((out / "report.json").read_text())
+    crash = r["benchmark"]["crashes"][0]
+    assert crash["runtime"] == "onnxruntime" and crash["retry"].startswith("none")   # it already had one thread
+    assert not [x for x in r["benchmark"]["rows"] if x["runtime"] == "onnxruntime"]
+    md = (out / "report.md").read_text()
+    assert "## Engine crashes" in md and f"benchmark {out}/onnx-sparse" in md and "--runtime onnxruntime" in md

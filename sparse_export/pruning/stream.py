@@ -1,0 +1,293 @@
+"""Streamed pruning: a safetensors model folder pruned one decoder layer at a time, from its shards
+straight into output shards, resumable.
+
+The model is a skeleton on the meta device. The tensors before the first layer are read to capture
+its inputs, then released; each layer is read when its turn comes, pruned by driver.prune_layer (the
+code the in-memory driver runs), written as its own shard and released; the LM head is only copied.
+Everything is built in a work folder beside --out (`.NAME.work`): the output folder, the hidden
+states after the last finished layer, and state.json (what is done). A killed run leaves the work
+folder; `--resume` continues after its last finished layer, and a run without it starts over.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .. import archs, data, models
+from ..checkpoints import (Layout, ShardReader, load_tensors, release, shard_name, shard_tensors, skeleton,
+                           write_index, write_shard)
+from ..errors import UserError
+from ..layerwise import ACTIVATION_BUDGET, LayerBar, activation_stores, capture_first_layer_inputs, pick_device
+from ..outputs import META_FILE, Timer, library_versions, peak_rss_gib, write_json
+from .driver import calibration_mode, layer_modules, prune_layer
+from .grid import QUANT_HEADROOM, grid_info
+from .recipe import Recipe
+
+STATE_FILE = "state.json"
+
+
+def work_dir(out) -> Path:
+    """The work folder of a streamed prune into `out`: beside it, hidden."""
+    out = Path(out)
+    return out.parent / f".{out.name}.work"
+
+
+def _fingerprint(folder: Path, reader: ShardReader, recipe: Recipe, calib, device, batch: int) -> dict:
+    """What decides the output: a work folder is resumed only by a run with the same fingerprint."""
+    files = [[f, (folder / f).stat().st_size, int((folder / f).stat().st_mtime)] for f in reader.files]
+    ids = hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None
+    return {"source": str(folder.resolve()), "shards": files, "recipe": recipe.to_dict(),
+            "calibration_sha256": ids, "device": device.type, "batch": batch}
+
+
+def _read_state(work: Path) -> dict | None:
+    try:
+        return json.loads((work / STATE_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _write_state(work: Path, state: dict) -> None:
+    tmp = work / (STATE_FILE + ".partial")
+    tmp.write_text(json.dumps(state, indent=1, default=str))
+    os.replace(tmp, work / STATE_FILE)
+
+
+def _tokenizer(folder):
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the tokenizer of {folder}: {first}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _check_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to {folder} ({e.strerror or type(e).__name__})") from None
+
+
+def _save_files(model, tokenizer, src: Path, dst: Path) -> None:
+    """config.json, generation_config.json and the tokenizer, as save_model_folder writes them."""
+    from transformers import GenerationConfig
+
+    from ..compat import portable_folder
+
+    config = model.config
+    config.architectures = [type(model).__name__]
+    config.save_pretrained(dst)
+    try:
+        GenerationConfig.from_pretrained(src).save_pretrained(dst)
+    except (OSError, ValueError):
+        if model.can_generate():
+            GenerationConfig.from_model_config(config).save_pretrained(dst)
+    tokenizer.save_pretrained(dst)
+    portable_folder(dst)
+
+
+def _write_index(folder: Path) -> None:
+    weight_map, total = {}, 0
+    for f in sorted(folder.glob("model-*-of-*.safetensors")):
+        for name, meta in shard_tensors(f).items():
+            weight_map[name] = f.name
+            total += meta["data_offsets"][1] - meta["data_offsets"][0]
+    write_index(folder, weight_map, total)
+
+
+def _layer_tensors(model, reader: ShardReader, layout: Layout, i: int) -> dict:
+    """{checkpoint name: tensor} of layer i as it is now in the model, plus the tensors copied through."""
+    current = model.state_dict(keep_vars=True)
+    out = {c: current[m].detach() for m, c in layout.layers[i].items()}
+    out.update(reader.read(layout.layer_extras[i]))
+    return out
+
+
+def _finish(work: Path, out: Path, force: bool) -> None:
+    built = work / "model"
+    if out.exists():
+        if not force:
+            raise UserError(f"{out} already exists (use --force to overwrite)")
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        built.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        built.rename(out)
+
+
+def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recipe, state: dict, work: Path,
+                spill: Path, dev, one_pass: bool, chunk: int, targets, budget, progress: bool):
+    """Prune layers state["done"].. in turn, each read, pruned, written as its shard and released; state.json
+    records every finished layer. Returns the activation stores (None without calibration)."""
+    layers = models.decoder_layers(model)
+    n_layers = len(layers)
+    n_shards = n_layers + 1 + (1 if layout.head else 0)
+    built = work / "model"
+    start, stats, layer_log = state["done"], state["stats"], state["layers"]
+    src = dst = None
+    kwargs = []
+    if recipe.pruner.needs_calibration and start < n_layers:
+        hidden_size = archs.arch_of(model).hidden_size(model.config)
+        shape = (calib.shape[0], calib.shape[1], hidden_size)
+        src, dst = activation_stores(shape, model.dtype, chunk, budget, spill)
+        if state["acts"] and src.path is not None and Path(state["acts"]) == dst.path:
+            src, dst = dst, src                    # the saved hidden states are in the second file
+        load_tensors(model, reader, layout.rest)    # embeddings, positions: what runs before layer 0
+        sink = dst if (state["acts"] and src.path is not None) else src
+        _, kwargs = capture_first_layer_inputs(model, calib, chunk, sink=sink)
+        release(model, layout.rest)
+        if state["acts"] and src.path is None:
+            src.load(state["acts"])                # the hidden states after the last finished layer
+
+    bar = LayerBar(n_layers, f"pruning ({recipe.method}, streamed)", dev, progress, initial=start)
+    for i in range(start, n_layers):
+        w0, c0 = time.perf_counter(), time.process_time()
+        load_tensors(model, reader, layout.layers[i], dev)
+        load_s = time.perf_counter() - w0
+        result, timing = prune_layer(layers[i], layer_modules(model, i, targets), src, kwargs, recipe, stats,
+                                     one_pass, dev, out=dst)
+        w1 = time.perf_counter()
+        write_shard(built / shard_name(i + 2, n_shards), _layer_tensors(model, reader, layout, i))
+        release(model, layout.layers[i])
+        if result is not None:
+            src, dst = dst, src
+            if src.path is None:                   # in RAM: keep a copy on disk for --resume
+                saved = work / f"acts-{i % 2}.bin"
+                src.save(saved)
+                state["acts"] = str(saved)
+            else:
+                state["acts"] = str(src.path)
+        w2 = time.perf_counter()
+        layer_log.append({"layer": i, **timing, "load_s": load_s, "write_s": w2 - w1,
+                          "step_wall_s": w2 - w0, "step_cpu_s": time.process_time() - c0,
+                          "peak_gib": peak_rss_gib()})
+        state["done"] = i + 1
+        _write_state(work, state)
+        bar.step()
+    bar.close()
+    return src, dst
+
+
+@torch.no_grad()
+def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool = False, device="cpu",
+                 offload=None, activation_budget: int | None = ACTIVATION_BUDGET, batch: int = 8,
+                 one_pass: bool | None = None, progress: bool = True, log=print, source=None) -> dict:
+    """Prune the safetensors model folder `folder` into `out`, one layer at a time. Returns the metadata."""
+    recipe.validate()
+    folder, out = Path(folder), Path(out)
+    dev = device if isinstance(device, torch.device) else pick_device(device)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to overwrite)")
+    needs_data = recipe.pruner.needs_calibration
+    if needs_data:
+        if str(recipe.calib) == "self":
+            raise UserError("--calib self needs the whole model in memory (use --no-stream)")
+        data.check_source(recipe.calib)
+    with Timer() as t_load:
+        reader = ShardReader(folder)
+        model = skeleton(folder, reader)
+        layers = models.decoder_layers(model)   # unsupported architecture: fail here
+        layout = Layout(model, reader)
+        tokenizer = _tokenizer(folder)
+    with Timer() as t_calib:
+        calib = (data.calibration_windows(recipe.calib, tokenizer, recipe.nsamples, recipe.seqlen, recipe.seed)
+                 if needs_data else None)
+    one_pass, mode = calibration_mode(model, recipe, calib.numel() if needs_data else 0, one_pass)
+    chunk = (calib.shape[0] if one_pass else batch) if needs_data else batch
+    targets = set(models.prunable_names(model, recipe.ignore))
+    work = work_dir(out)
+    spill = Path(offload) / work.name if offload else work
+    if offload:
+        _check_writable(Path(offload))
+    _check_writable(out.parent)
+    fingerprint = _fingerprint(folder, reader, recipe, calib, dev, chunk)
+
+    state = _read_state(work) if work.exists() else None
+    if resume and state is not None and state.get("fingerprint") != fingerprint:
+        raise UserError(f"{work} is the work folder of a different run (other model, recipe, data or device); "
+                        "run without --resume to start over")
+    if resume and state is None:
+        log(f"nothing to resume at {work}; starting from the first layer")
+    if not resume or state is None:
+        shutil.rmtree(work, ignore_errors=True)   # a stale work folder: start over
+        if offload:
+            shutil.rmtree(spill, ignore_errors=True)
+        state = None
+    (work / "model").mkdir(parents=True, exist_ok=True)
+
+    n_layers = len(layers)
+    n_shards = n_layers + 1 + (1 if layout.head else 0)
+    built = work / "model"
+    if state is None:
+        # the tensors that are not in a layer are copied through first: shard 1 (and the head: the last)
+        write_shard(built / shard_name(1, n_shards),
+                    reader.read(list(layout.rest.values()) + layout.rest_extras))
+        if n_shards == n_layers + 2:
+            write_shard(built / shard_name(n_shards, n_shards), reader.read(list(layout.head.values())))
+        state = {"fingerprint": fingerprint, "done": 0, "stats": {}, "layers": [], "acts": None}
+        _write_state(work, state)
+    start = state["done"]
+    stats, layer_log = state["stats"], state["layers"]
+    built = work / "model"
+    log(f"streaming {folder} ({archs.model_type(model)}, {n_layers} layers) on {dev}"
+        + (f"; resuming after layer {start - 1}" if start else ""))
+
+    try:
+        with Timer() as t_prune:
+            src, dst = _run_layers(model, reader, layout, calib, recipe, state, work, spill, dev, one_pass,
+                                   chunk, targets, activation_budget, progress)
+    except BaseException:
+        log(f"stopped: the work so far is kept in {work}; run again with --resume to continue")
+        raise
+
+    total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
+    zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
+    meta = {
+        "kind": "pruned-model",
+        "source_model": str(source or folder),
+        "architecture": archs.model_type(model),
+        "recipe": recipe.to_dict(),
+        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
+                              "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
+           if recipe.wbits else {}),
+        "pruned_sparsity": zeros / max(total, 1),
+        "calibration_mode": mode,
+        "matrices": stats,
+        "streamed": True,
+        "device": str(dev),
+        "activations": "ram" if src is None or src.path is None else "file",
+        "resumed_at_layer": start or None,
+        "layers": layer_log,
+        "timing": {"load_s": t_load.wall, "calibration_data_s": t_calib.wall,
+                   "prune_wall_s": t_prune.wall, "prune_cpu_s": t_prune.cpu,
+                   "threads": torch.get_num_threads()},
+        "peak_memory_gib": peak_rss_gib(),
+        **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30} if dev.type == "cuda" else {}),
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    _save_files(model, tokenizer, folder, built)
+    _write_index(built)
+    write_json(built / META_FILE, meta)
+    _finish(work, out, force)
+    shutil.rmtree(work, ignore_errors=True)
+    if offload:
+        shutil.rmtree(spill, ignore_errors=True)
+    log(f"pruned {len(stats)} matrices to {meta['pruned_sparsity']:.1%} sparsity in "
+        f"{t_prune.wall:.1f}s wall / {t_prune.cpu:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")
+    log(f"wrote {out}")
+    return meta
