@@ -10,15 +10,15 @@ import tempfile
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from . import data, models
 from .archs import arch_of
-from .errors import UserError
 from .checkpoints import Layout, ShardReader, check_shards, load_tensors, release, skeleton, streamable, tie_missing
 from .layerwise import (ACTIVATION_BUDGET, LayerBar, activation_stores, buffers_to, capture_first_layer_inputs,
                         head_logits, layer_out, pick_device, to_device)
+from .errors import UserError
 from .outputs import Timer, peak_rss_gib
+from .progress import progress as progress_bar
 
 
 def _nll(logits: torch.Tensor, ids: torch.Tensor) -> float:
@@ -32,11 +32,13 @@ def perplexity(model, windows: torch.Tensor, batch: int = 1, progress: bool = Tr
     """windows: LongTensor [n, seqlen]. Returns (ppl, mean nll, tokens scored)."""
     dev = next(model.parameters()).device
     total, count = 0.0, 0
-    for s in tqdm(range(0, windows.shape[0], batch), desc="perplexity", unit="window",
-                  disable=not progress):
-        ids = windows[s:s + batch].to(dev)
-        total += _nll(model(input_ids=ids, use_cache=False).logits, ids)
-        count += ids[:, 1:].numel()
+    starts = range(0, windows.shape[0], batch)
+    with progress_bar(len(starts), "perplexity", unit="batch", enabled=progress) as bar:
+        for s in starts:
+            ids = windows[s:s + batch].to(dev)
+            total += _nll(model(input_ids=ids, use_cache=False).logits, ids)
+            count += ids[:, 1:].numel()
+            bar.update(1)
     mean = total / count
     return math.exp(mean), mean, count
 

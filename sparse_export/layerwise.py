@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from . import models
 from .errors import UserError
 from .outputs import peak_rss_gib
+from .progress import progress as progress_bar
 
 ACTIVATION_BUDGET = 2 * 2**30   # bytes of hidden states (inputs and outputs of a layer) kept in RAM
 
@@ -171,7 +171,7 @@ class LayerBar:
 
     def __init__(self, total: int, desc: str, device: torch.device, progress: bool = True, initial: int = 0):
         self.device = device
-        self.bar = tqdm(total=total, initial=initial, desc=desc, unit="layer", disable=not progress)
+        self.bar = progress_bar(total, desc, unit="layer", enabled=progress, initial=initial)
 
     def step(self) -> None:
         text = f"peak {peak_rss_gib():.2f} GiB"

@@ -76,10 +76,7 @@ def load_model(spec, dtype: str | None = "auto") -> tuple[nn.Module, Any]:
     logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         if kind == "gguf":
-            kw = dict(gguf_file=where.name)
-            model = AutoModelForCausalLM.from_pretrained(where.parent, **kw)
-            tokenizer = AutoTokenizer.from_pretrained(where.parent, **kw)
-            model = _plain_copy(model)
+            model, tokenizer = _load_gguf(where)
             if dtype not in (None, "auto"):
                 model = model.to(getattr(torch, dtype))
         else:
@@ -101,6 +98,36 @@ def load_model(spec, dtype: str | None = "auto") -> tuple[nn.Module, Any]:
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model.eval(), tokenizer
+
+
+# GGUF file -> a plain safetensors copy written the first time this process loads it (deleted at exit):
+# transformers dequantizes a GGUF file tensor by tensor (20 s for SmolLM2-135M), the copy loads in 2 s, and
+# prune-and-export loads its model several times. Only for files whose dequantized weights stay small.
+_PLAIN_COPIES: dict[str, Path] = {}
+PLAIN_COPY_MAX_BYTES = 2 * 2**30
+
+
+def _load_gguf(where: Path) -> tuple[nn.Module, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    key = str(where.resolve())
+    copy = _PLAIN_COPIES.get(key)
+    if copy is not None and copy.is_dir():
+        return AutoModelForCausalLM.from_pretrained(copy, dtype="auto"), AutoTokenizer.from_pretrained(copy)
+    kw = dict(gguf_file=where.name)
+    model = _plain_copy(AutoModelForCausalLM.from_pretrained(where.parent, **kw))
+    tokenizer = AutoTokenizer.from_pretrained(where.parent, **kw)
+    if sum(p.numel() * p.element_size() for p in model.parameters()) <= PLAIN_COPY_MAX_BYTES:
+        import atexit
+        import shutil
+        import tempfile
+
+        copy = Path(tempfile.mkdtemp(prefix="sparse-export-gguf-"))
+        atexit.register(shutil.rmtree, copy, True)
+        model.save_pretrained(copy)
+        tokenizer.save_pretrained(copy)
+        _PLAIN_COPIES[key] = copy
+    return model, tokenizer
 
 
 def _plain_copy(model):

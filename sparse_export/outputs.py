@@ -34,16 +34,33 @@ def atomic_dir(out, force: bool = False) -> Iterator[Path]:
     tmp.chmod(0o777 & ~current_umask())  # mkdtemp makes it 0700; the output gets the user's usual mode
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
+        publish(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish(built, out) -> None:
+    """Rename the finished folder `built` to `out` (modes per the umask); an existing `out` is replaced
+    only once the new folder is in place."""
+    built, out = Path(built), Path(out)
+    apply_umask(built)
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        built.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        built.rename(out)
+
+
+def apply_umask(folder) -> None:
+    """Give every folder and file below `folder` the mode the user's umask asks for (0755 / 0644 by
+    default): some writers (safetensors, mkdtemp) create theirs 0600 / 0700, unreadable to a service."""
+    mask = current_umask()
+    for path in [Path(folder), *Path(folder).rglob("*")]:
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def current_umask() -> int:

@@ -4,6 +4,8 @@ files are after the rename."""
 import os
 
 import pytest
+import torch
+from safetensors.torch import save_file
 
 from sparse_export.outputs import atomic_dir, read_meta, relocate, relocate_meta_files, write_json
 
@@ -15,6 +17,7 @@ def test_modes_follow_the_umask(tmp_path, mask, dirs, files):
         with atomic_dir(tmp_path / "out") as tmp:
             (tmp / "sub").mkdir()
             write_json(tmp / "sub" / "a.json", {})
+            save_file({"w": torch.zeros(2)}, str(tmp / "sub" / "w.safetensors"))   # safetensors writes 0600
             with atomic_dir(tmp / "nested") as inner:     # what prune-and-export does with pruned-model/
                 write_json(inner / "b.json", {})
     finally:
@@ -22,7 +25,7 @@ def test_modes_follow_the_umask(tmp_path, mask, dirs, files):
     out = tmp_path / "out"
     for d in (out, out / "sub", out / "nested"):
         assert d.stat().st_mode & 0o777 == dirs, d
-    for f in (out / "sub" / "a.json", out / "nested" / "b.json"):
+    for f in (out / "sub" / "a.json", out / "sub" / "w.safetensors", out / "nested" / "b.json"):
         assert f.stat().st_mode & 0o777 == files, f
 
 

@@ -5,6 +5,7 @@ model's own modules as its archs.py entry says, with an explicit cache of num_ke
 """
 
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -141,9 +142,11 @@ def _export(model, path):
     axes.update({p: {0: "batch", 2: "total"} for p in present_names})
     scratch = path.parent / "_export"
     scratch.mkdir()
-    torch.onnx.export(wrapper, tuple(args), str(scratch / path.name), dynamo=False, opset_version=OPSET,
-                      input_names=KV_INPUTS + past_names, output_names=["logits"] + present_names,
-                      dynamic_axes=axes, do_constant_folding=True)
+    with warnings.catch_warnings():  # tracer notes on shape-dependent branches (rotary: fixed per model)
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, tuple(args), str(scratch / path.name), dynamo=False, opset_version=OPSET,
+                          input_names=KV_INPUTS + past_names, output_names=["logits"] + present_names,
+                          dynamic_axes=axes, do_constant_folding=True)
     save_onnx(onnx.load(str(scratch / path.name)), path)  # external data past 2 GB
     for f in scratch.iterdir():
         f.unlink()

@@ -14,8 +14,8 @@ import torch
 
 from .. import archs, models
 from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, timed, to_device
-from ..outputs import peak_rss_gib
-from .grid import make_quantizer
+from ..outputs import library_versions, peak_rss_gib
+from .grid import QUANT_HEADROOM, grid_info, make_quantizer
 from .pruners import hessian_inverse_factor
 from .recipe import Recipe
 
@@ -298,3 +298,30 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
         bar.step()
     bar.close()
     return stats, mode
+
+
+def pruned_meta(model, recipe: Recipe, stats: dict, mode: str, dev, layer_log: list, timing: dict, source,
+                **extra) -> dict:
+    """The sparse_export.json of a pruned model folder (in memory or streamed; `extra`: path-specific keys)."""
+    total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
+    zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
+    return {
+        "kind": "pruned-model",
+        "source_model": str(source),
+        "architecture": archs.model_type(model),
+        "recipe": recipe.to_dict(),
+        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
+                              "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
+           if recipe.wbits else {}),
+        "pruned_sparsity": zeros / max(total, 1),
+        "calibration_mode": mode,
+        "matrices": stats,
+        "device": str(dev),
+        **extra,
+        "layers": layer_log,
+        "timing": {**timing, "threads": torch.get_num_threads()},
+        "peak_memory_gib": peak_rss_gib(),
+        **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30} if dev.type == "cuda" else {}),
+        "versions": library_versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

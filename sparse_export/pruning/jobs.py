@@ -1,6 +1,5 @@
 """The `prune` job (load -> calibrate -> prune -> save), and rounding a pruned folder afterwards."""
 
-import time
 from pathlib import Path
 
 import torch
@@ -9,9 +8,9 @@ from .. import archs, data, models
 from ..checkpoints import check_shards, streamable
 from ..errors import UserError
 from ..layerwise import ACTIVATION_BUDGET, pick_device
-from ..outputs import Timer, atomic_dir, library_versions, peak_rss_gib, read_meta
-from .driver import prune_model
-from .grid import QUANT_HEADROOM, grid_info, round_weights
+from ..outputs import Timer, atomic_dir, read_meta
+from .driver import prune_model, pruned_meta
+from .grid import grid_info, round_weights
 from .recipe import Recipe
 
 
@@ -67,30 +66,9 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
         with Timer() as t_prune:
             layer_log = []
             stats, mode = prune_model(model, calib, recipe, device=dev, layer_log=layer_log)
-        total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
-        zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
-        meta = {
-            "kind": "pruned-model",
-            "source_model": str(model_spec),
-            "architecture": archs.model_type(model),
-            "recipe": recipe.to_dict(),
-            **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
-                                  "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
-               if recipe.wbits else {}),
-            "pruned_sparsity": zeros / max(total, 1),
-            "calibration_mode": mode,
-            "matrices": stats,
-            "streamed": False,
-            "device": str(dev),
-            "layers": layer_log,
-            "timing": {"load_s": t_load.wall, "calibration_data_s": t_calib.wall,
-                       "prune_wall_s": t_prune.wall, "prune_cpu_s": t_prune.cpu,
-                       "threads": torch.get_num_threads()},
-            "peak_memory_gib": peak_rss_gib(),
-            **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30} if dev.type == "cuda" else {}),
-            "versions": library_versions(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
+        meta = pruned_meta(model, recipe, stats, mode, dev, layer_log,
+                           {"load_s": t_load.wall, "calibration_data_s": t_calib.wall, "prune_wall_s": t_prune.wall,
+                            "prune_cpu_s": t_prune.cpu}, model_spec, streamed=False)
         models.save_model_folder(model, tokenizer, tmp, meta)
     log(f"pruned {len(stats)} matrices to {meta['pruned_sparsity']:.1%} sparsity in "
         f"{t_prune.wall:.1f}s wall / {t_prune.cpu:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")

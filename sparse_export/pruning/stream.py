@@ -23,9 +23,8 @@ from ..checkpoints import (Layout, ShardReader, load_tensors, release, shard_nam
                            write_index, write_shard)
 from ..errors import UserError
 from ..layerwise import ACTIVATION_BUDGET, LayerBar, activation_stores, capture_first_layer_inputs, pick_device
-from ..outputs import META_FILE, Timer, library_versions, peak_rss_gib, write_json
-from .driver import calibration_mode, layer_modules, prune_layer
-from .grid import QUANT_HEADROOM, grid_info
+from ..outputs import META_FILE, Timer, peak_rss_gib, publish, write_json
+from .driver import calibration_mode, layer_modules, prune_layer, pruned_meta
 from .recipe import Recipe
 
 STATE_FILE = "state.json"
@@ -117,16 +116,9 @@ def _layer_tensors(model, reader: ShardReader, layout: Layout, i: int) -> dict:
 
 
 def _finish(work: Path, out: Path, force: bool) -> None:
-    built = work / "model"
-    if out.exists():
-        if not force:
-            raise UserError(f"{out} already exists (use --force to overwrite)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        built.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        built.rename(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists (use --force to overwrite)")
+    publish(work / "model", out)
 
 
 def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recipe, state: dict, work: Path,
@@ -254,32 +246,11 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
         log(f"stopped: the work so far is kept in {work}; run again with --resume to continue")
         raise
 
-    total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
-    zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
-    meta = {
-        "kind": "pruned-model",
-        "source_model": str(source or folder),
-        "architecture": archs.model_type(model),
-        "recipe": recipe.to_dict(),
-        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
-                              "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
-           if recipe.wbits else {}),
-        "pruned_sparsity": zeros / max(total, 1),
-        "calibration_mode": mode,
-        "matrices": stats,
-        "streamed": True,
-        "device": str(dev),
-        "activations": "ram" if src is None or src.path is None else "file",
-        "resumed_at_layer": start or None,
-        "layers": layer_log,
-        "timing": {"load_s": t_load.wall, "calibration_data_s": t_calib.wall,
-                   "prune_wall_s": t_prune.wall, "prune_cpu_s": t_prune.cpu,
-                   "threads": torch.get_num_threads()},
-        "peak_memory_gib": peak_rss_gib(),
-        **({"peak_gpu_memory_gib": torch.cuda.max_memory_allocated(dev) / 2**30} if dev.type == "cuda" else {}),
-        "versions": library_versions(),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
+    meta = pruned_meta(model, recipe, stats, mode, dev, layer_log,
+                       {"load_s": t_load.wall, "calibration_data_s": t_calib.wall, "prune_wall_s": t_prune.wall,
+                        "prune_cpu_s": t_prune.cpu}, source or folder, streamed=True,
+                       activations="ram" if src is None or src.path is None else "file",
+                       resumed_at_layer=start or None)
     _save_files(model, tokenizer, folder, built)
     _write_index(built)
     write_json(built / META_FILE, meta)
