@@ -61,6 +61,10 @@ class Arch:
     def rotary_emb(self, model):
         return None
 
+    def rope(self, model, pos):
+        """The rotary context of positions `pos` for rotary(), from the model's own rotary module."""
+        return rope_context(self.rotary_emb(model), pos, self.cache_shape(model.config)[2])
+
     def embed(self, model, ids, pos):
         raise NotImplementedError
 
@@ -91,8 +95,7 @@ class Llama(Arch):
         return model.model.rotary_emb
 
     def embed(self, model, ids, pos):
-        D = self.cache_shape(model.config)[2]
-        return model.model.embed_tokens(ids), rope_context(model.model.rotary_emb, pos, D)
+        return model.model.embed_tokens(ids), self.rope(model, pos)
 
     def block(self, layer, h, bias, pk, pv, ctx, dims):
         H, KV, D = dims
@@ -193,8 +196,7 @@ class GptNeox(Arch):
         return model.gpt_neox.rotary_emb
 
     def embed(self, model, ids, pos):
-        D = self.cache_shape(model.config)[2]
-        return model.gpt_neox.embed_in(ids), rope_context(model.gpt_neox.rotary_emb, pos, D)
+        return model.gpt_neox.embed_in(ids), self.rope(model, pos)
 
     def block(self, layer, h, bias, pk, pv, ctx, dims):
         H, _, D = dims

@@ -127,17 +127,11 @@ class _StepCounter:
 def self_batch(model, nsamples: int, seqlen: int) -> int:
     """How many samples `self` calibration generates at once: all of them when their KV cache fits
     SELF_CACHE_BUDGET (one batch is many times faster than several on a CPU)."""
-    from .archs import ARCHS
+    from .archs import arch_of
 
-    c = model.config
-    entry = ARCHS.get(getattr(c, "model_type", ""))
-    try:
-        _, kv, d = entry.cache_shape(c) if entry else (0, c.num_attention_heads, c.hidden_size // c.num_attention_heads)
-        layers = c.num_hidden_layers
-    except AttributeError:
-        return min(nsamples, 8)
-    per_sample = 2 * layers * kv * d * seqlen * 4
-    return max(1, min(nsamples, SELF_CACHE_BUDGET // max(per_sample, 1)))
+    _, kv, d = arch_of(model).cache_shape(model.config)
+    per_sample = 2 * model.config.num_hidden_layers * kv * d * seqlen * 4   # keys and values, fp32
+    return max(1, min(nsamples, SELF_CACHE_BUDGET // per_sample))
 
 
 @torch.no_grad()

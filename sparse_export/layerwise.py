@@ -2,7 +2,6 @@
 states between layers (in RAM, or in a memory-mapped file past a budget), the model's own head on the
 last layer's outputs, and the progress bar over layers. Pruning and evaluation share these."""
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -216,8 +215,3 @@ def buffers_to(model, device) -> None:
     for name, buf in list(model.named_non_persistent_buffers()):
         owner, _, attr = name.rpartition(".")
         model.get_submodule(owner)._buffers[attr] = buf.to(device)
-
-
-def timed() -> tuple[float, float]:
-    """(wall, cpu) seconds now, for differences."""
-    return time.perf_counter(), time.process_time()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import isolate
+from .. import isolate, models
 from ..errors import UserError
 from ..outputs import Timer, cpu_name, library_versions, peak_rss_gib, read_meta, write_json
 from ..progress import progress as progress_bar
@@ -47,7 +47,7 @@ def measure_generation(folders: dict, runtime: str, prompt_tokens: int = 256, ne
             s.engine(prompt_tokens)
             s.engine(1)
         sessions[label] = s
-    ids = {label: prompt_ids(_vocab_size(f), prompt_tokens) for label, f in folders.items()}
+    ids = {label: prompt_ids(models.read_config(f)["vocab_size"], prompt_tokens) for label, f in folders.items()}
     for label in folders:
         for _ in range(warmup):
             _one(sessions[label], ids[label], min(new_tokens, 8))
@@ -92,12 +92,6 @@ def _one(session, ids, new_tokens):
             steps.append(time.perf_counter() - s)
             processed += 1
     return {"ttft_s": ttft, "decode_s": t.wall, "decode_cpu_s": t.cpu, "steps": steps or [0.0]}
-
-
-def _vocab_size(folder):
-    import json
-
-    return json.loads((Path(folder) / "config.json").read_text())["vocab_size"]
 
 
 def _weight_bytes(meta):

@@ -13,13 +13,12 @@ import time
 import torch
 
 from .. import archs, models
-from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, timed, to_device
-from ..outputs import library_versions, peak_rss_gib
+from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, to_device
+from ..outputs import Timer, library_versions, peak_rss_gib
 from .grid import QUANT_HEADROOM, grid_info, make_quantizer
 from .pruners import hessian_inverse_factor
 from .recipe import Recipe
 
-_layer_out = layer_out  # the name the tests use
 
 PHASES = ("hessian", "factor", "sweep")
 
@@ -170,7 +169,7 @@ def _layer_one_pass(layer, mods, hidden, kw, recipe, stats, clock=None):
 
     handles = [m.register_forward_pre_hook(pre) for m in mods.values()]
     try:
-        return _layer_out(layer(hidden, **kw))
+        return layer_out(layer(hidden, **kw))
     finally:
         for h in handles:
             h.remove()
@@ -230,24 +229,23 @@ def prune_layer(layer, mods: dict, hidden, kwargs: list, recipe: Recipe, stats: 
     The layer runs on `device` (it is moved there); the chunks go there one at a time."""
     device = device or torch.device("cpu")
     clock = Clock()
-    w0, c0 = timed()
-    layer.to(device)
-    result = None
-    if not recipe.pruner.needs_calibration:
-        for name in mods:
-            _prune_names(mods, [name], None, recipe, stats, clock=clock)
-    elif one_pass:
-        h = layer_out(_layer_one_pass(layer, mods, to_device(hidden[0], device), to_device(kwargs[0], device),
-                                      recipe, stats, clock)).to("cpu")
-        if out is None:
-            result = [h]
+    with Timer() as t:
+        layer.to(device)
+        result = None
+        if not recipe.pruner.needs_calibration:
+            for name in mods:
+                _prune_names(mods, [name], None, recipe, stats, clock=clock)
+        elif one_pass:
+            h = layer_out(_layer_one_pass(layer, mods, to_device(hidden[0], device), to_device(kwargs[0], device),
+                                          recipe, stats, clock)).to("cpu")
+            if out is None:
+                result = [h]
+            else:
+                out[0] = h
+                result = out
         else:
-            out[0] = h
-            result = out
-    else:
-        result = _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats, device, out, clock)
-    w1, c1 = timed()
-    timing = {"wall_s": w1 - w0, "cpu_s": c1 - c0, **{f"{k}_s": v for k, v in clock.seconds.items()}}
+            result = _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats, device, out, clock)
+    timing = {"wall_s": t.wall, "cpu_s": t.cpu, **{f"{k}_s": v for k, v in clock.seconds.items()}}
     timing["forward_s"] = max(0.0, timing["wall_s"] - sum(clock.seconds.values()))
     timing["peak_gib"] = peak_rss_gib()
     if device.type == "cuda":

@@ -60,7 +60,6 @@ class _Run:
     held_out: object = None                          # token windows for the accuracy section
     dense_logprobs: object = None
     accuracy: dict = field(default_factory=dict)     # label -> distribution shift; "completions", "held_out"
-    warnings: list = field(default_factory=list)
 
     def step_log(self, msg):  # steps write into the temporary folder: leave out their "wrote" lines
         if not str(msg).startswith("wrote "):

@@ -229,7 +229,7 @@ def test_cli_prune_then_eval(tiny_dirs, text_file, tmp_path, capsys):
 def test_layer_by_layer_forward_equals_model_forward(arch, tokenizer):
     """The captured inputs and keyword arguments reproduce the model's own forward exactly,
     so Hessians are built from the activations the model really computes (causal masks included)."""
-    from sparse_export.pruning.driver import _layer_out, capture_first_layer_inputs
+    from sparse_export.layerwise import capture_first_layer_inputs, layer_out
 
     model = tiny_model(arch, len(tokenizer))
     ids = torch.randint(0, len(tokenizer), (3, 24), generator=torch.Generator().manual_seed(0))
@@ -237,10 +237,10 @@ def test_layer_by_layer_forward_equals_model_forward(arch, tokenizer):
         hidden, kwargs = capture_first_layer_inputs(model, ids, 3)
         h = hidden[0]
         for layer in models.decoder_layers(model):
-            h = _layer_out(layer(h, **kwargs[0]))
+            h = layer_out(layer(h, **kwargs[0]))
         seen = {}
         last = models.decoder_layers(model)[-1]
-        handle = last.register_forward_hook(lambda m, a, o: seen.update(out=_layer_out(o)))
+        handle = last.register_forward_hook(lambda m, a, o: seen.update(out=layer_out(o)))
         model(input_ids=ids, use_cache=False)
         handle.remove()
     torch.testing.assert_close(h, seen["out"])
@@ -251,5 +251,5 @@ def test_layer_by_layer_forward_equals_model_forward(arch, tokenizer):
         hidden2, kwargs2 = capture_first_layer_inputs(model, ids2, 3)
         h2 = hidden2[0]
         for layer in models.decoder_layers(model):
-            h2 = _layer_out(layer(h2, **kwargs2[0]))
+            h2 = layer_out(layer(h2, **kwargs2[0]))
     torch.testing.assert_close(h[:, :-1], h2[:, :-1])
