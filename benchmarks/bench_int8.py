@@ -14,6 +14,16 @@ fp32 (50%), INT8 dense (weights rounded to nearest), INT8 50% and INT8 70% (join
   python benchmarks/bench_int8.py             # the full run (16 x 512 calibration, 6 x 2048 eval)
 
 Results: benchmarks/results/int8[-quick].{json,md}.
+
+--graph: the accuracy of the INT8 graph itself, per option (issue 17): each deployment exported with
+every position's logits and run by ONNX Runtime over the evaluation windows (measure/graph_ppl.py), next
+to the fp32 sparse graph: the current export, clipped ranges, more Linear layers kept fp32, and SmoothQuant
+migration before pruning (--smooth ALPHAS). --graph-speed adds DeepSparse's prefill time (1 x 400,
+last-token logits) of each int8 variant, with dense and sparse fp32; --ppl-from reuses the perplexities of
+an earlier --graph result, so a timing run need not repeat them. Results: int8-graph[-quick].{json,md}.
+
+  python benchmarks/bench_int8.py --graph --threads 1                      # perplexities only
+  python benchmarks/bench_int8.py --graph --graph-speed --ppl-from benchmarks/results/int8-graph.json
 """
 
 import argparse
@@ -38,6 +48,7 @@ from sparse_export.outputs import read_meta
 from sparse_export.pruning.recipe import Recipe
 from sparse_export.export.int8_calib import fake_int8
 from sparse_export.pruning.jobs import round_pruned_folder
+from sparse_export.measure.graph_ppl import graph_perplexity
 
 ALL_SPEED = ["dense-fp32", "sparse50-fp32", "int8-dense", "int8-50", "int8-70"]
 SETTINGS = {
@@ -67,6 +78,14 @@ def main():
     ap.add_argument("--profile", action="store_true",
                     help="with --speed-only: DeepSparse's per-operator profile of dense fp32 and int8-50")
     ap.add_argument("--work", default=None, help="keep the model folders here (default: a temp folder)")
+    ap.add_argument("--graph", action="store_true",
+                    help="the int8 graph's own perplexity per option (ONNX Runtime); int8-graph[-quick].{json,md}")
+    ap.add_argument("--smooth", default="0.5,0.8", help="with --graph: SmoothQuant alphas to try, comma separated")
+    ap.add_argument("--variants", default=None, help="with --graph: only these variants (names, comma separated)")
+    ap.add_argument("--graph-speed", action="store_true",
+                    help="with --graph: also time each int8 variant on DeepSparse (1 x 400, last-token logits)")
+    ap.add_argument("--ppl-from", default=None,
+                    help="with --graph: take the perplexities from this earlier int8-graph JSON")
     args = ap.parse_args()
     setting = "quick" if args.quick else "full"
     cfg = dict(SETTINGS[setting])
@@ -88,6 +107,9 @@ def main():
 
     def step(msg):
         print(f"[{time.perf_counter() - t_start:6.0f}s] {msg}", flush=True)
+
+    if args.graph:
+        return graph_main(args, setting, cfg, calib, wiki, work, step)
 
     # ---- model folders -------------------------------------------------------------------
     step("dense folder from the GGUF file")
@@ -270,6 +292,176 @@ def profile(deploy_dir, threads):
     with tempfile.TemporaryDirectory() as tmp:
         path = fixed_shape_copy(Path(deploy_dir) / "model.onnx", 1, 400, tmp)
         return layer_profile(path, [ids, np.ones_like(ids)], threads, iterations=10, warmup=2)
+
+
+# ---- --graph: the INT8 graph's own accuracy per option, and its DeepSparse speed ---------------------
+
+GRAPH_BARS = {"ppl_vs_fp32_sparse": 0.05, "speedup_lost": 0.10}
+
+
+def graph_variants(alphas: list[float], ratio: float) -> list[dict]:
+    """What --graph measures. name: short id (folders, --variants); folder: the pruned model it exports
+    (sparsegpt50: fp32 SparseGPT; joint50-w8[-smoothA]: joint SparseGPT + int8 weights, smoothed with
+    alpha A first); int8 export options: percentile (None: min/max ranges) and outlier_ratio (0: every
+    Linear int8)."""
+    out = [dict(name="fp32-sparse", label="SparseGPT 50% fp32 graph", folder="sparsegpt50", int8=False),
+           dict(name="int8", label=f"int8 (current: min/max, outlier ratio {ratio:g})", folder="joint50-w8"),
+           dict(name="int8-p99.999", label="int8, ranges clipped at percentile 99.999", folder="joint50-w8",
+                percentile=99.999),
+           dict(name="int8-ratio3", label="int8, outlier ratio 3 (more Linear layers fp32)", folder="joint50-w8",
+                outlier_ratio=3.0)]
+    for a in alphas:
+        out += [dict(name=f"smooth{a:g}-fp32", label=f"smooth {a:g}: fp32 sparse graph", folder=f"joint50-w8-smooth{a:g}",
+                     int8=False),
+                dict(name=f"int8-smooth{a:g}", label=f"int8, smooth {a:g}", folder=f"joint50-w8-smooth{a:g}"),
+                dict(name=f"int8-smooth{a:g}-all", label=f"int8, smooth {a:g}, every Linear int8",
+                     folder=f"joint50-w8-smooth{a:g}", outlier_ratio=0.0)]
+    for v in out:
+        v.setdefault("int8", True)
+        if v["int8"]:
+            v.setdefault("percentile", None)
+            v.setdefault("outlier_ratio", ratio)
+    return out
+
+
+def graph_export(v: dict, src: Path, out: Path, logits: str, act: dict, step) -> Path:
+    """The variant's deployment folder (kept: a rerun with the same --work reuses it)."""
+    if not out.exists():
+        step(f"exporting {v['name']} (logits={logits})")
+        if v["int8"]:
+            export_int8(src, out, logits=logits, calib=act["calib"], nsamples=act["nsamples"], seqlen=act["seqlen"],
+                        percentile=v["percentile"], outlier_ratio=v["outlier_ratio"] or None, log=lambda *a: None)
+        else:
+            export_onnx(src, out, logits=logits, log=lambda *a: None)
+    return out
+
+
+def graph_main(args, setting, cfg, calib, wiki, work, step):
+    """--graph: prune what the variants need, measure each graph's perplexity (and speed), write the results."""
+    import json
+
+    alphas = [float(a) for a in args.smooth.split(",") if a.strip()]
+    variants = graph_variants(alphas, args.outlier_ratio)
+    if args.variants:
+        keep = {x.strip() for x in args.variants.split(",") if x.strip()}
+        unknown = keep - {v["name"] for v in variants}
+        if unknown:
+            sys.exit(f"unknown --variants: {sorted(unknown)} (choose from {', '.join(v['name'] for v in variants)})")
+        variants = [v for v in variants if v["name"] in keep or v["name"] == "fp32-sparse"]
+    earlier = {}
+    if args.ppl_from:
+        prev = json.loads(Path(args.ppl_from).read_text())
+        earlier = {r["name"]: r for r in prev["rows"] if r.get("perplexity") is not None}
+    recipe = dict(calib=str(calib), nsamples=cfg["nsamples"], seqlen=cfg["seqlen"])
+    plans = {"sparsegpt50": Recipe(sparsity=0.5, **recipe), "joint50-w8": Recipe(sparsity=0.5, wbits=8, **recipe)}
+    plans.update({f"joint50-w8-smooth{a:g}": Recipe(sparsity=0.5, wbits=8, smooth=a, **recipe) for a in alphas})
+    step("dense folder from the GGUF file")
+    dense = jobs.plain_copy("smollm2", work / "dense")
+    folders, prune_s = {}, {}
+    for name in dict.fromkeys(v["folder"] for v in variants):
+        folders[name] = work / name
+        if not folders[name].exists():
+            step(f"pruning {name}")
+            meta = jobs.prune(dense, folders[name], plans[name], log=lambda *a: None)
+            prune_s[name] = {"wall_s": meta["timing"]["prune_wall_s"], "cpu_s": meta["timing"]["prune_cpu_s"]}
+    act = dict(calib=str(calib), nsamples=cfg["act_nsamples"], seqlen=cfg["act_seqlen"])
+
+    rows = []
+    for v in variants:
+        row = {"name": v["name"], "model": v["label"], "pruned": v["folder"],
+               "recipe_smooth": plans[v["folder"]].smooth}
+        if v["name"] in earlier:
+            row.update({k: earlier[v["name"]][k] for k in ("perplexity", "fp32_linear", "int8_matmuls")})
+            step(f"perplexity {v['name']}: {row['perplexity']:.3f} (from {args.ppl_from})")
+        else:
+            deploy = graph_export(v, folders[v["folder"]], work / f"graph-{v['name']}-all", "all", act, step)
+            res = graph_perplexity(deploy, wiki, cfg["eval_seqlen"], cfg["eval_windows"], threads=args.threads,
+                                   progress=False)
+            q = read_meta(deploy).get("int8") or {}
+            row.update(perplexity=res["perplexity"], fp32_linear=len(q.get("fp32_linear", [])) if q else None,
+                       int8_matmuls=q.get("matmul_integer"), eval_wall_s=res["eval_wall_s"])
+            step(f"perplexity {v['name']}: {res['perplexity']:.3f} ({res['eval_wall_s']:.0f}s)")
+        rows.append(row)
+    ref = next(r["perplexity"] for r in rows if r["name"] == "fp32-sparse")
+    for r in rows:
+        r["vs_fp32_sparse"] = r["perplexity"] / ref - 1
+
+    speed = None
+    if args.graph_speed:
+        deploy = {"dense-fp32": graph_export(dict(name="dense-fp32", int8=False), dense, work / "speed-dense-fp32", "last", act, step)}
+        for v in variants:
+            deploy[v["name"]] = graph_export(v, folders[v["folder"]], work / f"speed-{v['name']}", "last", act, step)
+        step(f"timing {', '.join(deploy)} on DeepSparse")
+        speed = bench.benchmark_prefill(deploy, ["deepsparse"], baseline="dense-fp32", batch=1, seqlen=400,
+                                        warmup=cfg["warmup"], iterations=cfg["iterations"], threads=args.threads,
+                                        progress=False, log=lambda *a: None)
+        timed = {r["model"]: r for r in speed["rows"] if r["runtime"] == "deepsparse"}
+        current = (timed.get("int8") or {}).get("speedup_vs_baseline")
+        for r in rows:
+            t = timed.get(r["name"])
+            if t:
+                r.update(deepsparse_ms=t["median_ms"], deepsparse_cpu_ms=t["cpu_ms"],
+                         speedup_vs_dense=t["speedup_vs_baseline"],
+                         speedup_lost=(1 - t["speedup_vs_baseline"] / current) if current and r["name"] != "fp32-sparse"
+                         else None)
+    write_graph_results(args, setting, cfg, calib, wiki, rows, speed, prune_s, step)
+
+
+def graph_checks(rows: list[dict]) -> dict:
+    """Issue 17's bar per int8 variant: within 5% of the fp32 sparse graph, and (when timed) at most 10% of
+    the current int8 graph's DeepSparse speedup lost."""
+    checks = {}
+    for r in rows:
+        if r["name"].startswith("int8"):
+            ok = r["vs_fp32_sparse"] <= GRAPH_BARS["ppl_vs_fp32_sparse"]
+            if r.get("speedup_lost") is not None:
+                ok = ok and r["speedup_lost"] <= GRAPH_BARS["speedup_lost"]
+            checks[f"{r['name']}: perplexity within 5% of the fp32 sparse graph"
+                   + (", speedup lost <= 10%" if r.get("speedup_lost") is not None else " (speed not timed)")] = ok
+    return checks
+
+
+def write_graph_results(args, setting, cfg, calib, wiki, rows, speed, prune_s, step):
+    checks = graph_checks(rows)
+    result = {"setting": setting, **{k: cfg[k] for k in ("nsamples", "seqlen", "eval_windows", "eval_seqlen",
+                                                          "act_nsamples", "act_seqlen")},
+              "threads": args.threads or "all", "calibration": calib.name, "evaluation": wiki.name,
+              "runtime_for_perplexity": "onnxruntime", "rows": rows, "prune_s": prune_s, "bars": checks,
+              "speed": None if speed is None else {**speed, "rows": [
+                  {k: v for k, v in r.items() if k != "output"} for r in speed["rows"]]},
+              "ppl_from": args.ppl_from}
+    res_dir = ROOT / "benchmarks" / "results"
+    res_dir.mkdir(parents=True, exist_ok=True)
+    stem = "int8-graph-quick" if args.quick else "int8-graph"
+    write_json(res_dir / f"{stem}.json", result)
+    cols = [("variant", "name"), ("model", "model"), ("graph perplexity", "perplexity"),
+            ("vs fp32 sparse graph", "vs_fp32_sparse"), ("fp32 Linear", "fp32_linear")]
+    if speed is not None:
+        cols += [("DeepSparse ms", "deepsparse_ms"), ("CPU ms", "deepsparse_cpu_ms"), ("x dense fp32", "speedup_vs_dense"),
+                 ("speedup lost vs int8", "speedup_lost")]
+    md = [f"# The INT8 graph's own accuracy ({setting}): SmolLM2-135M, 50% SparseGPT",
+          "",
+          f"Pruning calibration: {cfg['nsamples']} x {cfg['seqlen']} C4 tokens; activation ranges: "
+          f"{cfg['act_nsamples']} x {cfg['act_seqlen']}. Perplexity: each graph exported with every position's logits "
+          f"and run by ONNX Runtime over WikiText-2 raw test, {cfg['eval_windows']} x {cfg['eval_seqlen']} tokens "
+          f"(the windows evaluate.py uses). Threads: {args.threads or 'all'}."
+          + (f" Perplexities from {args.ppl_from}." if args.ppl_from else ""),
+          "",
+          table(rows, cols),
+          "",
+          "int8: joint SparseGPT + int8 weights, exported as QuantizeLinear -> MatMulInteger (static per-tensor uint8 "
+          "activations); 'fp32 Linear': the Linear layers left fp32 because their inputs reach more than the outlier "
+          "ratio times past their 99.99th percentile. smooth A: SmoothQuant migration with alpha A before pruning "
+          "(`--smooth A`; norms -> q/k/v and gate/up, v_proj -> o_proj, up_proj -> down_proj).",
+          ""]
+    if speed is not None:
+        md += ["## DeepSparse: last-token logits, 1 x 400 tokens", "", bench.prefill_table(speed), "",
+               "'speedup lost vs int8': 1 - (this variant's speedup over dense fp32) / (the current int8 graph's).", ""]
+    md += ["## Bars (issue 17)", "", *[f"- {'PASS' if ok else 'FAIL'}: {n}" for n, ok in checks.items()], ""]
+    if args.quick:
+        md.insert(2, "**Quick smoke run: tiny calibration and evaluation. Not the numbers to quote.**\n")
+    (res_dir / f"{stem}.md").write_text("\n".join(md))
+    print("\n".join(md))
 
 
 if __name__ == "__main__":

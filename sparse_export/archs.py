@@ -43,6 +43,13 @@ class Arch:
     def sliding_window(self, config) -> int | None:
         return getattr(config, "sliding_window", None)
 
+    def smooth_pairs(self, layer) -> list[tuple[str, tuple[str, ...]]]:
+        """SmoothQuant folds (pruning/smooth.py) in one decoder layer: (producer, consumers), names inside
+        the layer. The producer's output reaches the consumers' inputs channel for channel and goes nowhere
+        else, so a per-channel 1/s folds into it exactly: a norm (weight and bias) or a Linear (its output
+        rows; attention or an elementwise gate between them is linear in it, as in v_proj -> o_proj)."""
+        return []
+
     # -- where things are
 
     def decoder_layers(self, model):
@@ -94,6 +101,12 @@ class Llama(Arch):
     def rotary_emb(self, model):
         return model.model.rotary_emb
 
+    def smooth_pairs(self, layer):
+        return [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+                ("self_attn.v_proj", ("self_attn.o_proj",)),
+                ("mlp.up_proj", ("mlp.down_proj",))]          # down(act(gate(x)) * up(x))
+
     def embed(self, model, ids, pos):
         return model.model.embed_tokens(ids), self.rope(model, pos)
 
@@ -133,6 +146,13 @@ class Opt(Arch):
     learned_positions = True
     inner_keys = ("ffn_dim",)
 
+    def smooth_pairs(self, layer):
+        values = [("self_attn.v_proj", ("self_attn.out_proj",))]
+        if not layer.do_layer_norm_before:   # post-LayerNorm (opt-350m): the norms also feed the residual
+            return values
+        return [("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                ("final_layer_norm", ("fc1",))] + values
+
     def embed(self, model, ids, pos):
         d = model.model.decoder  # learned positions with an offset of 2
         x = d.embed_tokens(ids)
@@ -171,6 +191,9 @@ class Gpt2(Arch):
     learned_positions = True
     inner_keys = ("n_inner",)
 
+    def smooth_pairs(self, layer):
+        return [("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))]
+
     def embed(self, model, ids, pos):
         return model.transformer.wte(ids) + model.transformer.wpe(pos), None
 
@@ -194,6 +217,10 @@ class GptNeox(Arch):
 
     def rotary_emb(self, model):
         return model.gpt_neox.rotary_emb
+
+    def smooth_pairs(self, layer):
+        return [("input_layernorm", ("attention.query_key_value",)),
+                ("post_attention_layernorm", ("mlp.dense_h_to_4h",))]
 
     def embed(self, model, ids, pos):
         return model.gpt_neox.embed_in(ids), self.rope(model, pos)
@@ -220,6 +247,12 @@ class Bloom(Arch):
     model_type = "bloom"
     layers = "transformer.h"
 
+    def smooth_pairs(self, layer):
+        if layer.apply_residual_connection_post_layernorm:   # the norms also feed the residual
+            return []
+        return [("input_layernorm", ("self_attention.query_key_value",)),
+                ("post_attention_layernorm", ("mlp.dense_h_to_4h",))]
+
 
 ARCHS = {cls.model_type: cls() for cls in (Llama, Mistral, Qwen2, Opt, Gpt2, GptNeox, Bloom)}
 KV_CACHE = tuple(name for name, a in ARCHS.items() if a.kv_cache)
@@ -228,6 +261,14 @@ STANDARD_ATTENTION = tuple(name for name, a in ARCHS.items() if a.attention)
 
 def model_type(model) -> str:
     return getattr(model.config, "model_type", type(model).__name__)
+
+
+def arch_of_layer(layer) -> Arch:
+    """The registry entry of a decoder layer, from its transformers module (models.<type>.modeling_<type>)."""
+    name = type(layer).__module__.rpartition("modeling_")[2]
+    if name not in ARCHS:
+        raise UserError(f"unsupported architecture '{name}' (supported: {', '.join(ARCHS)})")
+    return ARCHS[name]
 
 
 def arch_of(model) -> Arch:

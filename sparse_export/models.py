@@ -65,6 +65,20 @@ def check_model(spec) -> tuple[str, object]:
     return kind, where
 
 
+def folder_tokenizer(folder) -> Any:
+    """The tokenizer of a model folder (pad = eos when it has none); one line when it cannot be read."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError, ImportError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not load the tokenizer of {folder}: {first}") from None
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def load_model(spec, dtype: str | None = "auto") -> tuple[nn.Module, Any]:
     """Load (model, tokenizer) in eval mode. GGUF weights are dequantized into a plain model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -24,8 +24,9 @@ def benchmark_cmd(
     logits: str = typer.Option("last", help="Variant used when a model folder is exported on the fly."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the results as JSON here."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw a PNG bar chart of latency here."),
-    mode: str = typer.Option("prefill", help="prefill | generate (KV-cache folders; --warmup/--iterations "
-                                             "then count whole generations, e.g. --iterations 3)."),
+    mode: str = typer.Option("prefill", help="prefill | generate (KV-cache folders, or model folders on "
+                                             "sparse-cpu / sparse-cpu-dense; --warmup/--iterations then "
+                                             "count whole generations, e.g. --iterations 3)."),
     prompt_tokens: int = typer.Option(256, help="--mode generate: prompt length."),
     new_tokens: int = typer.Option(128, help="--mode generate: tokens generated per run."),
 ):

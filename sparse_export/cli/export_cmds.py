@@ -35,6 +35,13 @@ def export_onnx_cmd(
                                                              "(default 10; 0 quantizes all)."),
     fp32_attention: bool = typer.Option(False, "--fp32-attention", help="With --int8: keep the attention score "
                                                                         "matmuls (query x key) fp32."),
+    stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
+                                          help="Export one decoder layer at a time from the safetensors shards "
+                                               "(default: when the in-memory export would pass --memory-budget; "
+                                               "docs/export-at-scale.md)."),
+    memory_budget: Optional[float] = typer.Option(None, "--memory-budget",
+                                                  help="GiB the in-memory export may use; larger safetensors "
+                                                       "folders are streamed (default 8)."),
 ):
     """Export MODEL to ONNX for DeepSparse / ONNX Runtime, with its sparsity counted in the file."""
     from ..errors import UserError
@@ -46,6 +53,21 @@ def export_onnx_cmd(
         raise UserError("--int8 and --kv-cache cannot be combined (the KV-cache graph is fp32 only)")
     if not int8 and any(v is not None for v in int8_opts.values()):
         raise UserError(f"{next(k for k, v in int8_opts.items() if v is not None)} applies to --int8 only")
+    from ..export.onnx_stream import EXPORT_BUDGET, choose_stream
+
+    if memory_budget is not None and memory_budget <= 0:
+        raise UserError(f"--memory-budget must be > 0 GiB, got {memory_budget}")
+    budget = EXPORT_BUDGET if memory_budget is None else int(memory_budget * 2**30)
+    if choose_stream(model, stream, budget):
+        from ..export.onnx_int8 import OUTLIER_RATIO
+        from ..export.onnx_stream import export_streamed
+
+        opts = {"calib": calib, "nsamples": nsamples, "seqlen": calib_seqlen, "percentile": percentile,
+                "outlier_ratio": OUTLIER_RATIO if outlier_ratio is None else outlier_ratio,
+                "attention": not fp32_attention}
+        kind = "int8" if int8 else ("kv" if kv_cache else "plain")
+        return export_streamed(model, out, kind=kind, logits=logits, seqlen=seqlen, max_length=max_length,
+                               int8=opts if int8 else None, force=force, budget=budget)
     if int8:
         from ..export.onnx_int8 import OUTLIER_RATIO, export_int8
 

@@ -1,4 +1,4 @@
-"""`generate`: stream text from a KV-cache deployment folder."""
+"""`generate`: stream text from a KV-cache deployment folder, or from a model folder on sparse-cpu."""
 
 import sys
 from pathlib import Path
@@ -6,17 +6,18 @@ from typing import Optional
 
 import typer
 
-from ..runtimes import GENERATE_RUNTIMES
+from ..runtimes import FOLDER_RUNTIMES, GENERATE_RUNTIMES
 from . import options as o
 from .app import app
 
 
 @app.command("generate")
 def generate_cmd(
-    deploy_dir: Path = typer.Argument(..., help="Folder written by `export onnx --kv-cache`."),
+    deploy_dir: Path = typer.Argument(..., help="Folder written by `export onnx --kv-cache`; for sparse-cpu "
+                                                "runtimes a model folder (from `prune`)."),
     prompt: str = typer.Argument(..., help="Prompt text."),
     max_new_tokens: int = typer.Option(64, help="Stop after this many new tokens."),
-    runtime: str = typer.Option("deepsparse", help=" | ".join(GENERATE_RUNTIMES)),
+    runtime: str = typer.Option("deepsparse", help=" | ".join(GENERATE_RUNTIMES + FOLDER_RUNTIMES)),
     greedy: bool = typer.Option(False, "--greedy", help="Take the most likely token (the default)."),
     temperature: Optional[float] = typer.Option(None, help="Sample from softmax(logits / T) instead."),
     seed: int = typer.Option(0, help="Seed for sampling."),
@@ -37,6 +38,8 @@ def generate_cmd(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
+    if runtime in FOLDER_RUNTIMES:
+        from ..runtimes.sparse_cpu.session import generate_folder_text as generate_text
     _, stats = generate_text(deploy_dir, prompt, max_new_tokens, runtime, temperature, seed, threads,
                              write=write)
     sys.stdout.write("\n")

@@ -37,6 +37,19 @@ Ignore = Annotated[Optional[List[str]], _opt("Regex of module names to leave den
 WBits = Annotated[Optional[int], _opt("Also quantize kept weights to this many bits, in the same sweep.")]
 PerChannel = Annotated[Optional[bool], _opt("Quantization scale granularity (default: per-channel).",
                                             "--per-channel/--per-tensor")]
+Allocation = Annotated[Optional[str], _opt("Per-layer sparsity: uniform | owl (layers with more activation "
+                                          "outliers keep more weights; unstructured only)" + _default(_R.allocation))]
+OwlThreshold = Annotated[Optional[float], _opt("OWL: a score |W| x ||X|| is an outlier above this many times its "
+                                               "layer's mean" + _default(_R.owl_threshold))]
+OwlLambda = Annotated[Optional[float], _opt("OWL: layer sparsities span --sparsity +- this"
+                                            + _default(_R.owl_lambda))]
+AlpsIters = Annotated[Optional[int], _opt("ALPS: most ADMM iterations per layer" + _default(_R.alps_iters))]
+AlpsRho = Annotated[Optional[float], _opt("ALPS: first ADMM penalty rho" + _default(_R.alps_rho))]
+AlpsRhoGrowth = Annotated[Optional[float], _opt("ALPS: rho is multiplied by this each iteration"
+                                                + _default(_R.alps_rho_growth))]
+AlpsCgIters = Annotated[Optional[int], _opt("ALPS: conjugate-gradient refit iterations" + _default(_R.alps_cg_iters))]
+Smooth = Annotated[Optional[float], _opt("SmoothQuant alpha in (0, 1]: move activation outliers into the weights "
+                                         "before pruning, for an accurate --int8 graph (default: off)")]
 
 # ---- common to several commands
 Threads = Annotated[Optional[int], _opt("Threads (default: all cores).")]

@@ -25,6 +25,14 @@ def prune_cmd(
     ignore: o.Ignore = None,
     wbits: o.WBits = None,
     per_channel: o.PerChannel = None,
+    allocation: o.Allocation = None,
+    owl_threshold: o.OwlThreshold = None,
+    owl_lambda: o.OwlLambda = None,
+    alps_iters: o.AlpsIters = None,
+    alps_rho: o.AlpsRho = None,
+    alps_rho_growth: o.AlpsRhoGrowth = None,
+    alps_cg_iters: o.AlpsCgIters = None,
+    smooth: o.Smooth = None,
     threads: o.Threads = None,
     device: o.Device = "cpu",
     stream: o.Stream = None,
@@ -39,7 +47,10 @@ def prune_cmd(
 
     recipe = Recipe(**o.recipe_given(method=method, sparsity=sparsity, pattern=pattern, calib=calib,
                                      nsamples=nsamples, seqlen=seqlen, seed=seed, blocksize=blocksize,
-                                     dampening=dampening, ignore=ignore, wbits=wbits, per_channel=per_channel))
+                                     dampening=dampening, ignore=ignore, wbits=wbits, per_channel=per_channel,
+                                     allocation=allocation, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
+                                     alps_iters=alps_iters, alps_rho=alps_rho, alps_rho_growth=alps_rho_growth,
+                                     alps_cg_iters=alps_cg_iters, smooth=smooth))
     prune(model, out, recipe, force=force, threads=threads, device=device, stream=stream, resume=resume,
           offload=offload, activation_budget=o.budget_bytes(activation_budget))
 

@@ -84,9 +84,12 @@ def weight_sparsity(onnx_file) -> dict[str, dict]:
     module whose MatMul/Gemm/Gather reads it. MatMul reads Linear weights pre-transposed (in x out),
     so `transposed` says how to compare with the checkpoint's out x in matrix.
     """
-    from onnx import numpy_helper
+    import onnx
 
-    proto = load_onnx(onnx_file)
+    if isinstance(onnx_file, onnx.ModelProto):
+        proto, folder = onnx_file, None
+    else:  # external data is read one tensor at a time, not loaded with the graph
+        proto, folder = onnx.load(str(onnx_file), load_external_data=False), Path(onnx_file).parent
     inits = {t.name: t for t in proto.graph.initializer if len(t.dims) >= 2}
     readers = {}
     for node in proto.graph.node:
@@ -96,15 +99,37 @@ def weight_sparsity(onnx_file) -> dict[str, dict]:
                 readers[w] = node
     out = {}
     for name, t in inits.items():
-        arr = numpy_helper.to_array(t)
-        zeros = int(arr.size - np.count_nonzero(arr))
+        size = int(np.prod(t.dims))
+        zeros = size - count_nonzero(t, folder)
         node = readers.get(name)
         trans_b = node is not None and any(a.name == "transB" and a.i for a in node.attribute)
         out[name] = {"scope": _scope(node.name) if node is not None else None,
                      "op": node.op_type if node is not None else None,
                      "transposed": node is not None and node.op_type in ("MatMul", "Gemm") and not trans_b,
-                     "shape": list(arr.shape), "zeros": zeros, "sparsity": zeros / max(arr.size, 1)}
+                     "shape": list(t.dims), "zeros": zeros, "sparsity": zeros / max(size, 1)}
     return out
+
+
+def count_nonzero(t, folder=None, chunk: int = 64 * 2**20) -> int:
+    """Nonzeros of an initializer; external data (in `folder`) is read in chunks of `chunk` bytes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if t.data_location != TensorProto.EXTERNAL:
+        return int(np.count_nonzero(numpy_helper.to_array(t)))
+    info = {e.key: e.value for e in t.external_data}
+    dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type))
+    left = int(np.prod(t.dims)) * dtype.itemsize
+    step = max(dtype.itemsize, chunk - chunk % dtype.itemsize)
+    count = 0
+    with open(Path(folder) / info["location"], "rb") as f:
+        f.seek(int(info.get("offset", 0)))
+        while left > 0:
+            buf = f.read(min(step, left))
+            if not buf:
+                raise UserError(f"{info['location']} ends inside initializer {t.name}")
+            count += int(np.count_nonzero(np.frombuffer(buf, dtype)))
+            left -= len(buf)
+    return count
 
 
 def digest(matrix: np.ndarray) -> str:

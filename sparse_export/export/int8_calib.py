@@ -63,6 +63,33 @@ def activation_ranges(model, windows: torch.Tensor, names: list[str], batch: int
     return out
 
 
+@torch.no_grad()
+def input_quant_errors(model, windows: torch.Tensor, qparams: dict, batch: int = 4) -> dict[str, float]:
+    """How much quantizing its input alone changes each Linear module's output, over calibration windows:
+    ||x_q W^T - x W^T||^2 / ||x W^T||^2 with x_q the input through uint8 qparams {name: (scale, zp)}.
+    `model` needs only get_submodule and a call on input_ids (as activation_ranges)."""
+    sums = {n: [0.0, 0.0] for n in qparams}
+
+    def hook(name):
+        def fn(module, args, out):
+            w = models.weight_2d(module)
+            x = args[0]
+            y = x @ w.t().to(x.dtype)
+            yq = fake_quant_input(x, *qparams[name]) @ w.t().to(x.dtype)
+            sums[name][0] += float(((yq - y).float() ** 2).sum())
+            sums[name][1] += float((y.float() ** 2).sum())
+        return fn
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in qparams]
+    try:
+        for s in range(0, windows.shape[0], batch):
+            model(input_ids=windows[s:s + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: e / max(t, 1e-30) for n, (e, t) in sums.items()}
+
+
 def outlier_ratio(r: dict) -> float:
     """How far the extreme inputs reach beyond the percentile range: max |x| / percentile |x|."""
     return max(-r["min"], r["max"]) / max(-r["lo"], r["hi"], 1e-12)

@@ -32,7 +32,8 @@ from ..outputs import META_FILE, atomic_dir, read_meta, write_json
 from ..pruning.grid import grid_info, int_weight, recorded_scales, round_weights
 from ..pruning.pruners import PRUNERS
 from .graph import ONNX_FILE, digest, load_onnx, match_modules, save_onnx, sparsity_summary, weight_sparsity
-from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, recording_attention
+from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, input_quant_errors
+from .int8_calib import recording_attention
 from .int8_calib import outlier_ratio as quant_outlier_ratio
 from .onnx_plain import write_deployment
 from .validate import CHECK_BATCH, CHECK_TOKENS, int8_tolerance, reference_output, validate_plain
@@ -205,13 +206,14 @@ def quantize_attention(proto, attention: dict) -> list[str]:
 def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | None = None,
                  outlier_ratio: float | None = OUTLIER_RATIO, batch: int = 4,
                  stored_dtype: torch.dtype = torch.float32,
-                 attention: bool = True) -> tuple[dict, dict, dict, str, list[str]]:
+                 attention: bool = True, max_error: float | None = None) -> tuple[dict, dict, dict, str, list[str]]:
     """Weight scales, activation qparams, attention qparams, and the modules left in fp32.
 
     Activation ranges are min/max, or clipped to `percentile`. A module whose input reaches more
     than `outlier_ratio` times beyond its 99.99th-percentile range (the massive activations some
     MLP down projections see) stays fp32: one uint8 step there would swallow ordinary values.
-    None quantizes every module.
+    None quantizes every module. max_error: also keep fp32 each module whose output its int8 input
+    changes by more than this relative squared error (int8_calib.input_quant_errors; a second pass).
     Puts every weight exactly on its grid in place (a no-op for fp32 --wbits models; 16-bit storage
     is up to 1/4 step off), so `model` becomes the fake-quantized reference together with
     int8_calib.fake_int8. attention=False (or an architecture outside archs.STANDARD_ATTENTION) keeps
@@ -233,6 +235,10 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     fp32 = [n for n in names if outlier_ratio and quant_outlier_ratio(ranges[n]) > outlier_ratio]
     lohi = ("lo", "hi") if percentile else ("min", "max")
     qparams = {n: act_qparams(ranges[n][lohi[0]], ranges[n][lohi[1]]) for n in names if n not in fp32}
+    if max_error:
+        errors = input_quant_errors(model, windows, qparams, batch)
+        fp32 = [n for n in names if n in fp32 or errors[n] > max_error]
+        qparams = {n: q for n, q in qparams.items() if n not in fp32}
     return {n: scales[n] for n in qparams}, qparams, attention_qparams(attn_ranges), source, fp32
 
 
@@ -270,10 +276,22 @@ def write_int8_deployment(model, tokenizer, folder, scales: dict, qparams: dict,
             raise UserError(f"{module}: zero count changed in the int8 export")
     meta.update(sparsity_summary(weights), weights=weights, export_s=time.perf_counter() - t0)
     meta["validation"] = validate_int8(model, path, logits, qparams, attention)
-    meta["int8"] = {
+    meta["int8"] = int8_fields(len(done), sorted(set(models.prunable_names(model)) - set(done)), scales, qparams,
+                               attention, extra)
+    write_json(Path(folder) / META_FILE, meta)
+    log(f"exported {len(done)} int8 Linear matmuls and {len(attention)} int8 attention score matmuls at "
+        f"{meta['prunable_sparsity']:.1%} sparsity "
+        f"(counted in the ONNX file), logits={logits}")
+    return meta
+
+
+def int8_fields(matmul_integer: int, fp32_linear: list, scales: dict, qparams: dict, attention: dict,
+                extra: dict | None = None) -> dict:
+    """The "int8" entry of an INT8 deployment's sparse_export.json."""
+    return {
         "form": "QuantizeLinear -> MatMulInteger -> Cast -> Mul [-> Add]",
-        "matmul_integer": len(done),
-        "fp32_linear": sorted(set(models.prunable_names(model)) - set(done)),
+        "matmul_integer": matmul_integer,
+        "fp32_linear": fp32_linear,
         "weights": grid_info(8, any(len(set(s)) > 1 for s in scales.values()), "see weight_source"),
         "activations": {"dtype": "uint8", "granularity": "per-tensor", "static": True,
                         "qparams": {n: {"scale": s, "zero_point": z} for n, (s, z) in qparams.items()}},
@@ -285,11 +303,6 @@ def write_int8_deployment(model, tokenizer, folder, scales: dict, qparams: dict,
                     "matmuls, norms, embeddings, LM head, fp32_linear",
         **(extra or {}),
     }
-    write_json(Path(folder) / META_FILE, meta)
-    log(f"exported {len(done)} int8 Linear matmuls and {len(attention)} int8 attention score matmuls at "
-        f"{meta['prunable_sparsity']:.1%} sparsity "
-        f"(counted in the ONNX file), logits={logits}")
-    return meta
 
 
 def validate_int8(model, onnx_file, logits: str, qparams: dict, attention: dict) -> dict:
@@ -331,10 +344,13 @@ def _looks_like_file(source: str) -> bool:
 def export_int8(model_spec, out, calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
                 seed: int | None = None, percentile: float | None = None,
                 outlier_ratio: float | None = OUTLIER_RATIO, attention: bool = True, logits: str = "last",
-                trace_seqlen: int = 16, force: bool = False, log=print) -> dict:
+                trace_seqlen: int = 16, force: bool = False, log=print, max_error: float | None = None) -> dict:
     """`export onnx --int8`: load MODEL, calibrate activations, write the int8 deployment folder.
 
-    Calibration not given here comes from the pruned folder's recipe (int8_calibration)."""
+    Calibration not given here comes from the pruned folder's recipe (int8_calibration). max_error:
+    see prepare_int8."""
+    if max_error is not None and not max_error > 0:
+        raise UserError(f"--max-error must be > 0 (a relative squared error, e.g. 0.005), got {max_error}")
     if percentile is not None and not 50 < percentile < 100:
         raise UserError(f"--percentile must be in (50, 100), got {percentile}")
     if outlier_ratio is not None and outlier_ratio < 0:
@@ -352,9 +368,11 @@ def export_int8(model_spec, out, calib: str | None = None, nsamples: int | None 
         windows = data.calibration_windows(cal["source"], tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"],
                                            model=model)
         scales, qparams, attn, how, _ = prepare_int8(model, src_meta, windows, percentile, outlier_ratio,
-                                                     stored_dtype=stored_dtype, attention=attention)
-        extra = {"weight_source": how, "outlier_ratio": outlier_ratio,
-                 "calibration": {**cal, "range": f"percentile {percentile}" if percentile else "min/max"}}
+                                                     stored_dtype=stored_dtype, attention=attention,
+                                                     max_error=max_error)
+        extra = {"weight_source": how, "outlier_ratio": outlier_ratio, "max_error": max_error,
+                 "calibration": {**cal, "range": f"percentile {percentile}" if percentile else "min/max"},
+                 "smooth": (src_meta.get("recipe") or {}).get("smooth")}   # SmoothQuant alpha of the prune
         meta = write_int8_deployment(model, tokenizer, tmp, scales, qparams, attn, logits, trace_seqlen,
                                      source=model_spec, extra=extra, log=log)
     log(f"wrote {out}")

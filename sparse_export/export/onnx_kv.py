@@ -74,7 +74,7 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
         check_supported(model, max_length)
         n_layers, kv_heads, head_dim = cache_spec(model)
         with Timer() as t_export:
-            _export(model, tmp / "model.onnx")
+            trace_kv(model, tmp / "model.onnx")
         weights = weight_sparsity(tmp / "model.onnx")  # counted in the file, as the plain export does
         problems = match_modules(weights, tmp / "model.onnx", model)
         if problems:
@@ -87,29 +87,11 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
             model.generation_config.save_pretrained(tmp)
         compat.portable_folder(tmp)  # files DeepSparse's pipeline (transformers 4, tokenizers 0.15) reads
         meta = {
-            "kind": "onnx-kv-cache",
+            **kv_meta(model.config, n_layers, kv_heads, head_dim, max_length),
             "format": "onnx",
             "source_model": str(model_spec),
             "architecture": archs.model_type(model),
             "opset": OPSET,
-            "max_length": max_length,
-            "logits": "all",
-            # what DeepSparse's own pipeline needs (its default internal_kv_cache=True aborts in its compiler;
-            # it rewrites model.onnx in place: give it a copy). docs/interop.md
-            "deepsparse_pipeline": f"deepsparse.TextGeneration(model_path=COPY_OF_THIS_FOLDER, "
-                                   f"internal_kv_cache=False, sequence_length={max_length})",
-            "cache": {
-                "layers": n_layers, "kv_heads": kv_heads, "query_heads": model.config.num_attention_heads,
-                "head_dim": head_dim, "dtype": "float32",
-                "inputs": KV_INPUTS + ["past_key_values.{i}.key", "past_key_values.{i}.value"],
-                "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
-                "layout": (
-                    "L = max_length, n = tokens in this call. attention_mask [B, L]: 1 on valid slots, "
-                    "right-aligned. positions [B, n]: absolute positions. causal_mask [B, 1, n, L]: 1 where "
-                    "token i may attend slot j. past_key_values.i.* [B, kv_heads, L - n, head_dim]; "
-                    "present.i.* [B, kv_heads, L, head_dim] = concat(past, new); keep its last L - n' slots "
-                    "for the next call with n' tokens. Same layout as DeepSparse 1.8 text generation."),
-            },
             **summary,
             "validation": validation,
             "weights": weights,
@@ -124,11 +106,37 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
     return meta
 
 
+def kv_meta(config, n_layers: int, kv_heads: int, head_dim: int, max_length: int) -> dict:
+    """What a KV-cache deployment's sparse_export.json says about its graph and cache."""
+    return {
+        "kind": "onnx-kv-cache",
+        "max_length": max_length,
+        "logits": "all",
+        # what DeepSparse's own pipeline needs (its default internal_kv_cache=True aborts in its compiler;
+        # it rewrites model.onnx in place: give it a copy). docs/interop.md
+        "deepsparse_pipeline": f"deepsparse.TextGeneration(model_path=COPY_OF_THIS_FOLDER, "
+                               f"internal_kv_cache=False, sequence_length={max_length})",
+        "cache": {
+            "layers": n_layers, "kv_heads": kv_heads, "query_heads": config.num_attention_heads,
+            "head_dim": head_dim, "dtype": "float32",
+            "inputs": KV_INPUTS + ["past_key_values.{i}.key", "past_key_values.{i}.value"],
+            "outputs": ["logits", "present.{i}.key", "present.{i}.value"],
+            "layout": (
+                "L = max_length, n = tokens in this call. attention_mask [B, L]: 1 on valid slots, "
+                "right-aligned. positions [B, n]: absolute positions. causal_mask [B, 1, n, L]: 1 where "
+                "token i may attend slot j. past_key_values.i.* [B, kv_heads, L - n, head_dim]; "
+                "present.i.* [B, kv_heads, L, head_dim] = concat(past, new); keep its last L - n' slots "
+                "for the next call with n' tokens. Same layout as DeepSparse 1.8 text generation."),
+        },
+    }
+
+
 @torch.no_grad()
-def _export(model, path):
+def trace_kv(model, path, wrapper=None) -> None:
+    """Trace the KV-cache graph of `model` (through `wrapper`, by default KVCacheLM(model)) into `path`."""
     import onnx
 
-    wrapper = KVCacheLM(model).eval()
+    wrapper = wrapper if wrapper is not None else KVCacheLM(model).eval()
     n_layers, kv, d = cache_spec(model)
     n, past = 3, 5  # tracing shapes; every axis below is dynamic
     feed = step_feed(np.arange(1, n + 1)[None], 2, n + past)

@@ -95,21 +95,7 @@ def write_deployment(model, tokenizer, folder, logits: str = "last", seqlen: int
     summary = sparsity_summary(weights)
     validation = validate_plain(model, onnx_path, logits) if validate else None
     meta = {
-        "kind": "deployment",
-        "format": "onnx",
-        "logits": logits,
-        "output": output_name(logits),
-        "inputs": list(PLAIN_INPUTS),
-        "opset": OPSET,
-        "onnx_file": ONNX_FILE,
-        "external_data": (folder / (ONNX_FILE + ".data")).exists(),
-        "trace_seqlen": seqlen,
-        "declared_output_shape": ["batch", 1 if logits == "last" else "sequence",
-                                  model.config.vocab_size if logits != "none" else model.config.hidden_size],
-        # DeepSparse's own benchmark runs its engine only on fixed shapes, and -shapes rewrites model.onnx
-        # in place: run it on a copy (docs/interop.md)
-        "deepsparse_benchmark": 'cp -r DEPLOY /tmp/bench && deepsparse.benchmark /tmp/bench/model.onnx '
-                                '-shapes "[1,400],[1,400]"   (batch 1 x 400 tokens: both inputs)',
+        **plain_fields(model.config, logits, seqlen, (folder / (ONNX_FILE + ".data")).exists()),
         "architecture": archs.model_type(model),
         **summary,
         **({"validation": validation} if validation else {}),
@@ -125,6 +111,27 @@ def write_deployment(model, tokenizer, folder, logits: str = "last", seqlen: int
     log(f"exported {summary['prunable_matrices']} prunable matrices at "
         f"{summary['prunable_sparsity']:.1%} sparsity (counted in the ONNX file), logits={logits}{checked}")
     return meta
+
+
+def plain_fields(config, logits: str, seqlen: int, external_data: bool) -> dict:
+    """What a plain deployment's sparse_export.json says about its graph."""
+    return {
+        "kind": "deployment",
+        "format": "onnx",
+        "logits": logits,
+        "output": output_name(logits),
+        "inputs": list(PLAIN_INPUTS),
+        "opset": OPSET,
+        "onnx_file": ONNX_FILE,
+        "external_data": external_data,
+        "trace_seqlen": seqlen,
+        "declared_output_shape": ["batch", 1 if logits == "last" else "sequence",
+                                  config.vocab_size if logits != "none" else config.hidden_size],
+        # DeepSparse's own benchmark runs its engine only on fixed shapes, and -shapes rewrites model.onnx
+        # in place: run it on a copy (docs/interop.md)
+        "deepsparse_benchmark": 'cp -r DEPLOY /tmp/bench && deepsparse.benchmark /tmp/bench/model.onnx '
+                                '-shapes "[1,400],[1,400]"   (batch 1 x 400 tokens: both inputs)',
+    }
 
 
 def export_onnx(model_spec, out, logits: str = "last", seqlen: int = 16, force: bool = False, log=print) -> dict:

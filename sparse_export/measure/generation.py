@@ -1,4 +1,5 @@
-"""Generation benchmark: time to first token and decode tokens/s of KV-cache deployment folders."""
+"""Generation benchmark: time to first token and decode tokens/s of KV-cache deployment folders (DeepSparse,
+ONNX Runtime), or of model folders on our own sparse-cpu runtimes."""
 
 import statistics
 import time
@@ -11,7 +12,7 @@ from ..errors import UserError
 from ..outputs import Timer, cpu_name, library_versions, peak_rss_gib, read_meta, write_json
 from ..progress import progress as progress_bar
 from ..report import table
-from ..runtimes import GENERATE_RUNTIMES, installed
+from ..runtimes import FOLDER_RUNTIMES, GENERATE_RUNTIMES, installed
 from ..runtimes.generate import KVSession
 from . import machine
 from .plots import bar_chart
@@ -39,7 +40,7 @@ def measure_generation(folders: dict, runtime: str, prompt_tokens: int = 256, ne
     Returns one row per model."""
     sessions = dict(sessions or {})
     for label, folder in folders.items():
-        s = sessions.get(label) or KVSession(folder, runtime, threads)
+        s = sessions.get(label) or _session(folder, runtime, threads)
         if prompt_tokens + new_tokens - 1 > s.max_length:
             raise UserError(f"{prompt_tokens} prompt + {new_tokens} new tokens do not fit {folder} "
                             f"(exported with --max-length {s.max_length})")
@@ -59,13 +60,21 @@ def measure_generation(folders: dict, runtime: str, prompt_tokens: int = 256, ne
                  iterations, threads) for label in folders]
 
 
+def _session(folder, runtime, threads):
+    if runtime in FOLDER_RUNTIMES:
+        from ..runtimes.sparse_cpu.session import DecodeSession
+
+        return DecodeSession(folder, runtime, threads)
+    return KVSession(folder, runtime, threads)
+
+
 def _row(label, folder, runtime, session, runs, prompt_tokens, new_tokens, iterations, threads):
     meta = read_meta(folder)
     steps = [s for r in runs for s in r["steps"]]
     step_ms = 1000 * statistics.median(steps)
     return {
         "model": label, "folder": str(folder), "runtime": runtime,
-        "sparsity": meta.get("prunable_sparsity"), "prompt_tokens": prompt_tokens,
+        "sparsity": meta.get("prunable_sparsity", meta.get("pruned_sparsity")), "prompt_tokens": prompt_tokens,
         "new_tokens": new_tokens, "max_length": session.max_length, "iterations": iterations,
         "threads": threads, "load_s": session.compile_s,
         "ttft_ms": 1000 * statistics.median(r["ttft_s"] for r in runs),
@@ -74,7 +83,7 @@ def _row(label, folder, runtime, session, runs, prompt_tokens, new_tokens, itera
         "decode_ms_p90": 1000 * float(np.percentile(steps, 90)),
         "decode_ms_min": 1000 * min(steps),
         "decode_cpu_ms_per_token": 1000 * statistics.median(r["decode_cpu_s"] for r in runs) / (new_tokens - 1),
-        "weight_bytes": _weight_bytes(meta), "peak_rss_gib": peak_rss_gib(),
+        "weight_bytes": getattr(session, "weight_bytes", None) or _weight_bytes(meta), "peak_rss_gib": peak_rss_gib(),
     }
 
 
@@ -109,20 +118,22 @@ def benchmark_generation(folders: dict, runtimes=None, baseline: str | None = No
     and timed interleaved (measure_generation), DeepSparse in a child process. on_crash: as in
     prefill.benchmark_prefill.
 
-    folders: {label: KV-cache deployment folder}; `baseline` names the dense one.
-    runtimes: default the installed ones of deepsparse, onnxruntime.
+    folders: {label: KV-cache deployment folder, or model folder for FOLDER_RUNTIMES}; `baseline` names the
+    dense one.
+    runtimes: default the installed ones of deepsparse, onnxruntime (sparse-cpu when no folder has a graph).
     Returns {"config", "rows", "crashes", "trust", "versions"} like the prefill benchmark (measure/prefill.py).
     """
     import gc
 
-    runtimes = list(runtimes or [r for r in GENERATE_RUNTIMES if installed(r)])
+    model_folders = not any((Path(f) / "model.onnx").is_file() for f in folders.values())
+    runtimes = list(runtimes or (FOLDER_RUNTIMES[:1] if model_folders else [r for r in GENERATE_RUNTIMES if installed(r)]))
     if baseline is not None and baseline not in folders:
         raise UserError(f"baseline '{baseline}' is not one of the models")
     if min(prompt_tokens, new_tokens - 1, iterations) < 1 or warmup < 0:
         raise UserError("--prompt-tokens and --iterations must be >= 1, --new-tokens >= 2, --warmup >= 0")
     for rt in runtimes:
-        if rt not in GENERATE_RUNTIMES:
-            raise UserError(f"--mode generate runs on {' and '.join(GENERATE_RUNTIMES)}, not '{rt}'")
+        if rt not in GENERATE_RUNTIMES + FOLDER_RUNTIMES:
+            raise UserError(f"--mode generate runs on {', '.join(GENERATE_RUNTIMES + FOLDER_RUNTIMES)}, not '{rt}'")
     rows, crashes = [], []
     bar = progress_bar(len(runtimes), "generate benchmark", unit="runtime", enabled=progress)
     before = machine.snapshot()

@@ -5,10 +5,12 @@ calibration batch with hooks that accumulate one Hessian per distinct input (q/k
 gate/up share one), prune every Linear, then run the pruned layer again; its outputs are the
 next layer's inputs. Only one layer's Hessians live at a time. `prune_layer` is one layer's turn;
 `prune_model` runs it over a model in memory, pruning/stream.py over a model read from its shards.
+With --allocation owl, one pass over the dense layers first gives each layer its sparsity (owl.py).
 """
 
 import contextlib
 import time
+from dataclasses import replace
 
 import torch
 
@@ -16,8 +18,10 @@ from .. import archs, models
 from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, to_device
 from ..outputs import Timer, library_versions, peak_rss_gib
 from .grid import QUANT_HEADROOM, grid_info, make_quantizer
+from .owl import layer_outlier_ratio, owl_record
 from .pruners import hessian_inverse_factor
 from .recipe import Recipe
+from .smooth import begin_smoothing, finish_smoothing
 
 
 PHASES = ("hessian", "factor", "sweep")
@@ -105,10 +109,11 @@ def prune_group(H: torch.Tensor, weights: list[torch.Tensor], recipe: Recipe,
     quantizer, scale = None, None
     if recipe.wbits:
         quantizer, scale = make_quantizer(W.float(), recipe.wbits, recipe.per_channel, splits)
+    own = {kw: getattr(recipe, f) for f, kw in recipe.pruner.options.items()}
     Wn, mask, loss = recipe.pruner.fn(W, H, sparsity=recipe.sparsity, n=n, m=m,
                                      blocksize=recipe.blocksize, dampening=recipe.dampening,
                                      row_splits=splits, quantizer=quantizer,
-                                     **({"factor": factor} if factor is not None else {}))
+                                     **({"factor": factor} if factor is not None else {}), **own)
     return Wn.split(splits), mask.split(splits), loss, (scale.split(splits) if scale is not None else None)
 
 
@@ -232,6 +237,9 @@ def prune_layer(layer, mods: dict, hidden, kwargs: list, recipe: Recipe, stats: 
     with Timer() as t:
         layer.to(device)
         result = None
+        smoothed = pending = None
+        if recipe.smooth and hidden is not None:   # --smooth: activation outliers into the weights first
+            pending = begin_smoothing(layer, hidden, kwargs, recipe.smooth, device)
         if not recipe.pruner.needs_calibration:
             for name in mods:
                 _prune_names(mods, [name], None, recipe, stats, clock=clock)
@@ -245,9 +253,13 @@ def prune_layer(layer, mods: dict, hidden, kwargs: list, recipe: Recipe, stats: 
                 result = out
         else:
             result = _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats, device, out, clock)
+        if pending is not None:                    # v_proj / up_proj rows: scaled once they are pruned
+            smoothed = finish_smoothing(pending, mods, stats)
     timing = {"wall_s": t.wall, "cpu_s": t.cpu, **{f"{k}_s": v for k, v in clock.seconds.items()}}
     timing["forward_s"] = max(0.0, timing["wall_s"] - sum(clock.seconds.values()))
     timing["peak_gib"] = peak_rss_gib()
+    if smoothed is not None:
+        timing["smooth_scales"] = smoothed             # {producer: [smallest, largest scale]}
     if device.type == "cuda":
         timing["gpu_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result, timing
@@ -262,10 +274,36 @@ def calibration_mode(model, recipe: Recipe, ntokens: int, one_pass: bool | None 
     return one_pass, ("one-pass" if one_pass else "two-pass")
 
 
+def layer_recipe(recipe: Recipe, allocation: dict | None, i: int) -> Recipe:
+    """The recipe layer i is pruned with: its own sparsity under an allocation (owl.owl_record)."""
+    if not allocation:
+        return recipe
+    return replace(recipe, sparsity=allocation["layers"][i]["sparsity"])
+
+
+@torch.no_grad()
+def owl_allocation(model, hidden, kwargs: list, targets, recipe: Recipe, device: torch.device,
+                   progress: bool = True) -> dict:
+    """OWL's per-layer sparsities from one pass of the calibration chunks `hidden` (the first layer's
+    inputs, left as they are) through the dense layers."""
+    ratios, counts = [], []
+    bar = LayerBar(len(models.decoder_layers(model)), "outlier ratios (owl)", device, progress)
+    for i, layer in enumerate(models.decoder_layers(model)):
+        hidden, ratio, count = layer_outlier_ratio(layer, layer_modules(model, i, targets), hidden, kwargs,
+                                                   recipe.owl_threshold, device)
+        if device.type != "cpu":
+            layer.to("cpu")
+        ratios.append(ratio)
+        counts.append(count)
+        bar.step()
+    bar.close()
+    return owl_record(recipe, ratios, counts)
+
+
 @torch.no_grad()
 def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool = True,
                 one_pass: bool | None = None, device: str | torch.device = "cpu",
-                layer_log: list | None = None) -> tuple[dict, str]:
+                layer_log: list | None = None, allocation: dict | None = None) -> tuple[dict, str]:
     """Prune `model` (in memory, on the host) in place. Returns (per-matrix stats {name: {...}}, calibration mode).
 
     one_pass: run each layer once over all calibration tokens, pruning every module from the
@@ -273,6 +311,7 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
     ONE_PASS_BUDGET); otherwise run chunks of `batch` samples twice per layer.
     device: where each layer runs during its turn (then it goes back to the host).
     layer_log: a list that receives each layer's timing.
+    allocation: a dict that receives the per-layer sparsities (--allocation owl: owl.owl_record).
     """
     recipe.validate()
     device = device if isinstance(device, torch.device) else pick_device(device)
@@ -285,10 +324,16 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
     if needs_data:
         hidden, kwargs = capture_first_layer_inputs(model, calib_ids, calib_ids.shape[0] if one_pass else batch)
 
+    plan = None
+    if recipe.allocation == "owl":
+        plan = owl_allocation(model, hidden, kwargs, targets, recipe, device, progress)
+        if allocation is not None:
+            allocation.update(plan)
+
     bar = LayerBar(len(layers), f"pruning ({recipe.method})", device, progress)
     for i, layer in enumerate(layers):
-        hidden, timing = prune_layer(layer, layer_modules(model, i, targets), hidden, kwargs, recipe, stats,
-                                     one_pass, device)
+        hidden, timing = prune_layer(layer, layer_modules(model, i, targets), hidden, kwargs,
+                                     layer_recipe(recipe, plan, i), stats, one_pass, device)
         if device.type != "cpu":
             layer.to("cpu")
         if layer_log is not None:
@@ -298,11 +343,30 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
     return stats, mode
 
 
+def _measured(stats: dict, names=None) -> tuple[float, int]:
+    """(zero weights, weights) over the matrices `names` of stats (all when None)."""
+    rows = [s for n, s in stats.items() if names is None or n in names]
+    total = sum(s["shape"][0] * s["shape"][1] for s in rows)
+    return sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in rows), total
+
+
+def _allocation_meta(model, allocation: dict, stats: dict) -> dict:
+    """The allocation with each layer's measured sparsity beside its planned one."""
+    prefix = archs.arch_of(model).layers
+    layers = []
+    for x in allocation["layers"]:
+        head = f"{prefix}.{x['layer']}."
+        zeros, total = _measured(stats, {n for n in stats if n.startswith(head)})
+        layers.append({**x, "measured_sparsity": zeros / total if total else None})
+    return {**allocation, "layers": layers}
+
+
 def pruned_meta(model, recipe: Recipe, stats: dict, mode: str, dev, layer_log: list, timing: dict, source,
-                **extra) -> dict:
-    """The sparse_export.json of a pruned model folder (in memory or streamed; `extra`: path-specific keys)."""
-    total = sum(s["shape"][0] * s["shape"][1] for s in stats.values())
-    zeros = sum(s["sparsity"] * s["shape"][0] * s["shape"][1] for s in stats.values())
+                allocation: dict | None = None, **extra) -> dict:
+    """The sparse_export.json of a pruned model folder (in memory or streamed; `extra`: path-specific keys).
+
+    allocation: the per-layer sparsities (owl.owl_record) when they are not uniform."""
+    zeros, total = _measured(stats)
     return {
         "kind": "pruned-model",
         "source_model": str(source),
@@ -312,6 +376,7 @@ def pruned_meta(model, recipe: Recipe, stats: dict, mode: str, dev, layer_log: l
                               "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
            if recipe.wbits else {}),
         "pruned_sparsity": zeros / max(total, 1),
+        **({"allocation": _allocation_meta(model, allocation, stats)} if allocation else {}),
         "calibration_mode": mode,
         "matrices": stats,
         "device": str(dev),

@@ -64,11 +64,11 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
         log(f"loaded {model_spec} ({archs.model_type(model)}, "
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {t_load.wall:.1f}s")
         with Timer() as t_prune:
-            layer_log = []
-            stats, mode = prune_model(model, calib, recipe, device=dev, layer_log=layer_log)
+            layer_log, allocation = [], {}
+            stats, mode = prune_model(model, calib, recipe, device=dev, layer_log=layer_log, allocation=allocation)
         meta = pruned_meta(model, recipe, stats, mode, dev, layer_log,
                            {"load_s": t_load.wall, "calibration_data_s": t_calib.wall, "prune_wall_s": t_prune.wall,
-                            "prune_cpu_s": t_prune.cpu}, model_spec, streamed=False)
+                            "prune_cpu_s": t_prune.cpu}, model_spec, allocation=allocation, streamed=False)
         models.save_model_folder(model, tokenizer, tmp, meta)
     log(f"pruned {len(stats)} matrices to {meta['pruned_sparsity']:.1%} sparsity in "
         f"{t_prune.wall:.1f}s wall / {t_prune.cpu:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")

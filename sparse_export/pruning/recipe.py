@@ -21,6 +21,14 @@ class Recipe:
     ignore: list = field(default_factory=list)
     wbits: int | None = None          # joint quantization (symmetric int grid), None = off
     per_channel: bool = True
+    allocation: str = "uniform"       # per-layer sparsity: uniform | owl (outlier-weighed, Yin et al. 2024)
+    owl_threshold: float = 5.0        # OWL's M: a score is an outlier above M x its layer's mean score
+    owl_lambda: float = 0.08          # OWL's lambda: layer sparsities span [s - lambda, s + lambda]
+    alps_iters: int = 20              # ALPS: most ADMM iterations per layer
+    alps_rho: float = 0.3             # ALPS: first ADMM penalty
+    alps_rho_growth: float = 1.2      # ALPS: penalty multiplied by this each iteration
+    alps_cg_iters: int = 5            # ALPS: conjugate-gradient refit iterations
+    smooth: float | None = None       # SmoothQuant alpha: outliers into the weights first (smooth.py), None = off
 
     @property
     def pruner(self) -> Pruner:
@@ -45,6 +53,17 @@ class Recipe:
         if self.wbits and not self.pruner.joint_quant:
             joint = [n for n, p in PRUNERS.items() if p.joint_quant]
             raise UserError(f"--wbits (joint quantization) needs --method {' or '.join(joint)}")
+        self._validate_allocation()
+        if self.smooth is not None and not 0 < self.smooth <= 1:
+            raise UserError(f"--smooth (SmoothQuant alpha) must be in (0, 1], got {self.smooth}")
+        if self.smooth is not None and not self.pruner.needs_calibration:
+            raise UserError(f"--smooth reads activations; --method {self.method} runs no calibration text")
+        if self.smooth is not None and self.wbits and not self.per_channel:
+            raise UserError("--smooth rescales output rows (v_proj, up_proj): with --wbits it needs --per-channel")
+        if min(self.alps_iters, self.alps_cg_iters) < 1:
+            raise UserError("--alps-iters and --alps-cg-iters must be >= 1")
+        if self.alps_rho <= 0 or self.alps_rho_growth < 1:
+            raise UserError("--alps-rho must be > 0 and --alps-rho-growth >= 1")
         for p in self.ignore:
             try:
                 re.compile(p)
@@ -52,8 +71,26 @@ class Recipe:
                 raise UserError(f"bad --ignore pattern {p!r}: {e}") from None
         return self
 
+    def _validate_allocation(self) -> None:
+        if self.allocation not in ALLOCATIONS:
+            raise UserError(f"unknown allocation '{self.allocation}' (choose from {', '.join(ALLOCATIONS)})")
+        if self.allocation == "uniform":
+            return
+        if self.pattern:
+            raise UserError("--allocation owl sets a sparsity per layer; an n:m --pattern has none (use --sparsity)")
+        if not self.pruner.needs_calibration:
+            raise UserError(f"--allocation owl reads activations; --method {self.method} runs no calibration text")
+        if self.owl_threshold <= 0 or self.owl_lambda <= 0:
+            raise UserError("--owl-threshold and --owl-lambda must be > 0")
+        if self.owl_lambda >= 0.5:     # layer sparsities span 2 x lambda: wider than [0, 1) cannot fit
+            raise UserError(f"--owl-lambda {self.owl_lambda} is too large: layer sparsities span 2 x lambda "
+                            "and must stay in [0, 1)")
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+ALLOCATIONS = ("uniform", "owl")
 
 
 def parse_pattern(text: str) -> tuple[int, int]:

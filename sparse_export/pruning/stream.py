@@ -7,6 +7,8 @@ code the in-memory driver runs), written as its own shard and released; the LM h
 Everything is built in a work folder beside --out (`.NAME.work`): the output folder, the hidden
 states after the last finished layer, and state.json (what is done). A killed run leaves the work
 folder; `--resume` continues after its last finished layer, and a run without it starts over.
+With --allocation owl, a first pass streams the dense layers from the shards the same way to measure
+their outlier ratios; the per-layer sparsities go into state.json, so a resumed run reuses them.
 """
 
 import hashlib
@@ -24,7 +26,8 @@ from ..checkpoints import (Layout, ShardReader, load_tensors, release, shard_nam
 from ..errors import UserError
 from ..layerwise import ACTIVATION_BUDGET, LayerBar, activation_stores, capture_first_layer_inputs, pick_device
 from ..outputs import META_FILE, Timer, peak_rss_gib, publish, write_json
-from .driver import calibration_mode, layer_modules, prune_layer, pruned_meta
+from .driver import calibration_mode, layer_modules, layer_recipe, prune_layer, pruned_meta
+from .owl import layer_outlier_ratio, owl_record
 from .recipe import Recipe
 
 STATE_FILE = "state.json"
@@ -55,19 +58,6 @@ def _write_state(work: Path, state: dict) -> None:
     tmp = work / (STATE_FILE + ".partial")
     tmp.write_text(json.dumps(state, indent=1, default=str))
     os.replace(tmp, work / STATE_FILE)
-
-
-def _tokenizer(folder):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError, KeyError, ImportError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not load the tokenizer of {folder}: {first}") from None
-    if tok.pad_token is None and tok.eos_token is not None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def _check_writable(folder: Path) -> None:
@@ -121,6 +111,40 @@ def _finish(work: Path, out: Path, force: bool) -> None:
     publish(work / "model", out)
 
 
+def _first_inputs(model, reader: ShardReader, layout: Layout, calib, chunk: int, sink) -> list:
+    """Capture the first layer's inputs into `sink` (embeddings read, then released); returns its kwargs."""
+    load_tensors(model, reader, layout.rest)    # embeddings, positions: what runs before layer 0
+    _, kwargs = capture_first_layer_inputs(model, calib, chunk, sink=sink)
+    release(model, layout.rest)
+    return kwargs
+
+
+def _owl_pass(model, reader: ShardReader, layout: Layout, calib, recipe: Recipe, spill: Path, dev, chunk: int,
+              targets, budget, progress: bool) -> dict:
+    """OWL's outlier ratios from one pass of the calibration text through the dense layers, each read from
+    its shards and released; returns the allocation (owl.owl_record)."""
+    layers = models.decoder_layers(model)
+    shape = (calib.shape[0], calib.shape[1], archs.arch_of(model).hidden_size(model.config))
+    folder = spill / "owl"
+    src, dst = activation_stores(shape, model.dtype, chunk, budget, folder)
+    kwargs = _first_inputs(model, reader, layout, calib, chunk, src)
+    ratios, counts = [], []
+    bar = LayerBar(len(layers), "outlier ratios (owl, streamed)", dev, progress)
+    for i, layer in enumerate(layers):
+        load_tensors(model, reader, layout.layers[i], dev)
+        _, ratio, count = layer_outlier_ratio(layer, layer_modules(model, i, targets), src, kwargs,
+                                              recipe.owl_threshold, dev, out=dst)
+        release(model, layout.layers[i])
+        src, dst = dst, src
+        ratios.append(ratio)
+        counts.append(count)
+        bar.step()
+    bar.close()
+    del src, dst
+    shutil.rmtree(folder, ignore_errors=True)
+    return owl_record(recipe, ratios, counts)
+
+
 def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recipe, state: dict, work: Path,
                 spill: Path, dev, one_pass: bool, chunk: int, targets, budget, progress: bool):
     """Prune layers state["done"].. in turn, each read, pruned, written as its shard and released; state.json
@@ -138,10 +162,8 @@ def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recip
         src, dst = activation_stores(shape, model.dtype, chunk, budget, spill)
         if state["acts"] and src.path is not None and Path(state["acts"]) == dst.path:
             src, dst = dst, src                    # the saved hidden states are in the second file
-        load_tensors(model, reader, layout.rest)    # embeddings, positions: what runs before layer 0
         sink = dst if (state["acts"] and src.path is not None) else src
-        _, kwargs = capture_first_layer_inputs(model, calib, chunk, sink=sink)
-        release(model, layout.rest)
+        kwargs = _first_inputs(model, reader, layout, calib, chunk, sink)
         if state["acts"] and src.path is None:
             src.load(state["acts"])                # the hidden states after the last finished layer
 
@@ -150,8 +172,8 @@ def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recip
         w0, c0 = time.perf_counter(), time.process_time()
         load_tensors(model, reader, layout.layers[i], dev)
         load_s = time.perf_counter() - w0
-        result, timing = prune_layer(layers[i], layer_modules(model, i, targets), src, kwargs, recipe, stats,
-                                     one_pass, dev, out=dst)
+        result, timing = prune_layer(layers[i], layer_modules(model, i, targets), src, kwargs,
+                                     layer_recipe(recipe, state.get("allocation"), i), stats, one_pass, dev, out=dst)
         w1 = time.perf_counter()
         write_shard(built / shard_name(i + 2, n_shards), _layer_tensors(model, reader, layout, i))
         release(model, layout.layers[i])
@@ -194,7 +216,7 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
         model = skeleton(folder, reader)
         layers = models.decoder_layers(model)   # unsupported architecture: fail here
         layout = Layout(model, reader)
-        tokenizer = _tokenizer(folder)
+        tokenizer = models.folder_tokenizer(folder)
     with Timer() as t_calib:
         calib = (data.calibration_windows(recipe.calib, tokenizer, recipe.nsamples, recipe.seqlen, recipe.seed)
                  if needs_data else None)
@@ -238,6 +260,16 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
     log(f"streaming {folder} ({archs.model_type(model)}, {n_layers} layers) on {dev}"
         + (f"; resuming after layer {start - 1}" if start else ""))
 
+    with Timer() as t_owl:
+        if recipe.allocation == "owl" and not state.get("allocation"):
+            try:
+                state["allocation"] = _owl_pass(model, reader, layout, calib, recipe, spill, dev, chunk, targets,
+                                                activation_budget, progress)
+            except UserError:
+                if not state["done"]:
+                    shutil.rmtree(work, ignore_errors=True)   # nothing pruned yet: no work to keep
+                raise
+            _write_state(work, state)
     try:
         with Timer() as t_prune:
             src, dst = _run_layers(model, reader, layout, calib, recipe, state, work, spill, dev, one_pass,
@@ -247,8 +279,11 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
         raise
 
     meta = pruned_meta(model, recipe, stats, mode, dev, layer_log,
-                       {"load_s": t_load.wall, "calibration_data_s": t_calib.wall, "prune_wall_s": t_prune.wall,
-                        "prune_cpu_s": t_prune.cpu}, source or folder, streamed=True,
+                       {"load_s": t_load.wall, "calibration_data_s": t_calib.wall,
+                        "prune_wall_s": t_owl.wall + t_prune.wall, "prune_cpu_s": t_owl.cpu + t_prune.cpu,
+                        **({"allocation_s": t_owl.wall} if recipe.allocation == "owl" else {})},
+                       source or folder, allocation=state.get("allocation"),
+                       streamed=True,
                        activations="ram" if src is None or src.path is None else "file",
                        resumed_at_layer=start or None)
     _save_files(model, tokenizer, folder, built)
@@ -259,6 +294,6 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
     if offload:
         shutil.rmtree(spill, ignore_errors=True)
     log(f"pruned {len(stats)} matrices to {meta['pruned_sparsity']:.1%} sparsity in "
-        f"{t_prune.wall:.1f}s wall / {t_prune.cpu:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")
+        f"{meta['timing']['prune_wall_s']:.1f}s wall / {meta['timing']['prune_cpu_s']:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")
     log(f"wrote {out}")
     return meta

@@ -12,10 +12,15 @@ RUNTIMES = {
     "torch": ("torch_rt", "TorchRuntime", "torch", "pip install torch"),
     "torch-sparse24": ("torch_sparse24", "TorchSparse24", "torch", "pip install torch (a CUDA build)"),
     "torch-cuda": ("torch_sparse24", "TorchCudaDense", "torch", "pip install torch (a CUDA build)"),
+    # our int8 kernels on model folders (sparse_cpu/session.py): bitmask where sparse, and all-dense int8
+    "sparse-cpu": ("sparse_cpu.session", "SparseCpuRuntime", "torch", "pip install -e . (builds its C++ kernels)"),
+    "sparse-cpu-dense": ("sparse_cpu.session", "SparseCpuDenseRuntime", "torch",
+                         "pip install -e . (builds its C++ kernels)"),
 }
 GPU_ONLY = ("torch-sparse24", "torch-cuda")  # listed by available() only where CUDA is
 CPU_RUNTIMES = ("deepsparse", "onnxruntime", "torch")      # prefill benchmark defaults
 GENERATE_RUNTIMES = ("deepsparse", "onnxruntime")           # run KV-cache graphs (generate.KVSession)
+FOLDER_RUNTIMES = ("sparse-cpu", "sparse-cpu-dense")      # generate from model folders (sparse_cpu.session)
 
 
 def installed(name: str) -> bool:

@@ -276,7 +276,7 @@ def _report_dict(run: _Run, result: dict) -> dict:
     o, p = run.opts, run.prune_meta
     return {
         "target": "cpu", "model": run.model, "recipe": o.recipe.to_dict(), "logits": o.logits,
-        "prune": {k: p.get(k) for k in ("pruned_sparsity", "calibration_mode", "timing")},
+        "prune": {k: p.get(k) for k in ("pruned_sparsity", "calibration_mode", "timing", "allocation")},
         "export": {k: {**{f: e[f] for f in ("prunable_sparsity", "prunable_matrices", "all_weights_sparsity",
                                               "weight_initializers", "external_data", "export_s")},
                        **({"quant": _quant_summary(e["int8"])} if "int8" in e else {})}

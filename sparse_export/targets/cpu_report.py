@@ -18,6 +18,8 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
     out = [("Summary", _summary(r))]
     if r["warnings"]:
         out.insert(0, ("Warnings", "\n".join(f"- **{w}**" for w in r["warnings"])))
+    if r["prune"].get("allocation"):
+        out.append(("Sparsity per layer", _allocation(r["prune"]["allocation"])))
     out += [("Accuracy", _accuracy(r["accuracy"], v["perplexity"])),
             ("Side by side", _side_by_side(v["perplexity"], rows))]
     agree = table(v["agreement"], [("model", "model"), ("runtime", "runtime"),
@@ -55,9 +57,10 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
 def _summary(r: dict) -> str:
     e, s, rec = r["export"], r["prune"]["pruned_sparsity"], r["recipe"]
     acc = r["accuracy"].get("sparse", {})
+    owl = " (OWL: a sparsity per layer, see Sparsity per layer)" if r["prune"].get("allocation") else ""
     text = "\n".join([
         f"- Model `{r['model']}`, pruned one-shot with {PRUNERS[rec['method']].title} to {s:.1%} of the "
-        f"decoder-layer weights (calibration `{rec['calib']}`, {rec['nsamples']} x {rec['seqlen']} tokens).",
+        f"decoder-layer weights{owl} (calibration `{rec['calib']}`, {rec['nsamples']} x {rec['seqlen']} tokens).",
         f"- Accuracy: on {acc.get('tokens', 0)} held-out tokens the pruned model's most likely next token is the "
         f"dense model's {fmt(acc.get('top1_agreement'), '.1%')} of the time (KL divergence "
         f"{fmt(acc.get('kl_nats_per_token'), '.3f')} nats/token); see Accuracy"
@@ -112,6 +115,18 @@ def _accuracy(acc: dict, ppl: dict) -> str:
         text += ("\n\nGreedy completions (16 new tokens), dense vs pruned:\n\n" + head + "\n|"
                  + "---|" * (len(models_) + 1) + "\n" + "\n".join(body))
     return text
+
+
+def _allocation(a: dict) -> str:
+    """OWL's per-layer sparsities: planned from the outlier ratios, and as counted in the checkpoint."""
+    rows = [{"layer": x["layer"], "ratio": fmt(x["outlier_ratio"], ".2%"), "plan": fmt(x["sparsity"], ".1%"),
+             "got": fmt(x.get("measured_sparsity"), ".1%")} for x in a["layers"]]
+    return (f"OWL (Yin et al., 2024): a layer's outlier ratio is the share of its scores |W| x ||X|| above "
+            f"{a['threshold']:g} x their mean ({a['measured_on']}); more outliers, lower sparsity, within "
+            f"+-{a['lambda']:g} of {a['target_sparsity']:.0%}, the average over all pruned weights kept at "
+            f"{a['planned_sparsity']:.2%}.\n\n"
+            + table(rows, [("layer", "layer"), ("outlier ratio", "ratio"), ("planned sparsity", "plan"),
+                           ("sparsity in the checkpoint", "got")]))
 
 
 def _crashes(crashes: list[dict], r: dict, out_name: str) -> str:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from sparse_export.pruning.pruners import hessian_inverse_factor, magnitude, sparsegpt, wanda
+from sparse_export.pruning.pruners import hessian_inverse_factor, invert_lower_, magnitude, sparsegpt, wanda
 
 
 def correlated_inputs(cols, tokens=2048, seed=0):
@@ -79,6 +79,30 @@ def test_dead_inputs_are_zeroed_and_do_not_break_the_factor():
     assert torch.all(new[:, 5] == 0)
     U, dead = hessian_inverse_factor(H)
     assert dead[5] and torch.all(torch.isfinite(U))
+
+
+@pytest.mark.parametrize("n", [1, 7, 256, 300, 613])
+def test_invert_lower_matches_a_general_inverse(n):
+    g = torch.Generator().manual_seed(n)
+    L = torch.tril(torch.randn(n, n, generator=g, dtype=torch.float64)) / n ** 0.5
+    L.diagonal().copy_(1.0 + torch.rand(n, generator=g, dtype=torch.float64))
+    ref = torch.linalg.inv(L)
+    ours = invert_lower_(L.clone(), leaf=64)
+    torch.testing.assert_close(ours, ref, rtol=1e-9, atol=1e-9)
+    assert torch.all(torch.triu(ours, 1) == 0)
+
+
+def test_factor_is_the_upper_cholesky_factor_of_the_damped_inverse():
+    X = correlated_inputs(300)
+    X[:, 11] = 0
+    H = hessian(X)
+    U, dead = hessian_inverse_factor(H, dampening=0.01)
+    Hd = H.double().clone()
+    Hd[11, 11] = 1.0
+    Hd.diagonal().add_(0.01 * Hd.diagonal().mean())
+    ref = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)   # independent: invert, then factor
+    assert dead.tolist() == [i == 11 for i in range(300)]
+    torch.testing.assert_close(U.double(), ref, rtol=1e-4, atol=1e-5 * float(ref.abs().max()))
 
 
 def brute_force_nm_ok(W, n, m):

@@ -1,0 +1,106 @@
+"""A lean decode loop for the Llama family (llama, mistral, qwen2): the model's own embedding, norms,
+rotary module and activation, with
+
+- q/k/v and gate/up each run as one matrix (their rows stacked: one kernel call instead of three or two;
+  the activations are quantized once per token either way, so the numbers are the same),
+- a preallocated KV cache written in place (transformers' DynamicCache concatenates the whole cache on
+  every step, which on SmolLM2 moves about a tenth as many bytes as the int8 weights),
+- torch's scaled_dot_product_attention.
+
+At batch 1 a small model's decode step is mostly Python and dispatch overhead outside the matmuls
+(transformers' generic forward costs SmolLM2 about as much as its int8 weights); this loop keeps ~20 torch
+ops per layer. Other architectures run transformers' forward with the kernel modules in place.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from ... import archs
+from ...attention import heads, rotary
+
+LEAN_ARCHS = ("llama", "mistral", "qwen2")
+
+
+def lean_supported(model) -> bool:
+    return archs.model_type(model) in LEAN_ARCHS
+
+
+def lean_groups(model) -> list[list[str]]:
+    """The matrices run together: per layer q+k+v, o, gate+up, down; then the LM head."""
+    prefix = archs.arch_of(model).layers
+    out = []
+    for i in range(len(archs.arch_of(model).decoder_layers(model))):
+        at, mlp = f"{prefix}.{i}.self_attn", f"{prefix}.{i}.mlp"
+        out += [[f"{at}.q_proj", f"{at}.k_proj", f"{at}.v_proj"], [f"{at}.o_proj"],
+                [f"{mlp}.gate_proj", f"{mlp}.up_proj"], [f"{mlp}.down_proj"]]
+    return out + [["lm_head"]]
+
+
+class LeanCache:
+    """Keys and values of every layer, [1, kv_heads, capacity, head_dim], filled up to `length`;
+    the capacity doubles when a call needs more."""
+
+    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int = 512):
+        self.length, self.capacity = 0, capacity
+        self.k = [torch.zeros(1, kv_heads, capacity, head_dim) for _ in range(layers)]
+        self.v = [torch.zeros(1, kv_heads, capacity, head_dim) for _ in range(layers)]
+
+    def reserve(self, n: int) -> None:
+        if n <= self.capacity:
+            return
+        while self.capacity < n:
+            self.capacity *= 2
+        grow = (lambda t: torch.cat([t, torch.zeros(*t.shape[:2], self.capacity - t.shape[2], t.shape[3])], 2))
+        self.k, self.v = [grow(t) for t in self.k], [grow(t) for t in self.v]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+class LeanDecoder:
+    """One forward step over n new tokens with a LeanCache: (ids [1, n], cache) -> logits [1, 1, vocab] of
+    the last token. `fused`: {tuple(names): module} from model.convert(fuse=lean_groups(model))."""
+
+    def __init__(self, model, fused: dict):
+        self.model, self.arch = model, archs.arch_of(model)
+        cfg = model.config
+        self.H, self.KV, self.D = self.arch.cache_shape(cfg)
+        by_first = {names[0]: m for names, m in fused.items()}
+        prefix = self.arch.layers
+        self.layers = []
+        for i, layer in enumerate(self.arch.decoder_layers(model)):
+            at, mlp = f"{prefix}.{i}.self_attn", f"{prefix}.{i}.mlp"
+            self.layers.append((layer.input_layernorm, by_first[f"{at}.q_proj"], by_first[f"{at}.o_proj"],
+                                layer.post_attention_layernorm, by_first[f"{mlp}.gate_proj"],
+                                by_first[f"{mlp}.down_proj"], layer.mlp.act_fn, layer.self_attn.scaling))
+        self.inner = self.arch.inner_size(cfg)
+        self.head = by_first["lm_head"]
+        self.window = self.arch.sliding_window(cfg)
+
+    def new_cache(self) -> LeanCache:
+        return LeanCache(len(self.layers), self.KV, self.D)
+
+    def __call__(self, ids: torch.Tensor, cache: LeanCache) -> torch.Tensor:
+        n, p0 = ids.shape[1], cache.length
+        total = p0 + n
+        if self.window and total > self.window:
+            raise ValueError(f"{total} tokens exceed the sliding window ({self.window}) the lean loop handles")
+        cache.reserve(total)
+        pos = torch.arange(p0, total)[None]
+        h = self.model.model.embed_tokens(ids)
+        cos, sin, rot, partial = self.arch.rope(self.model, pos)
+        # n == 1 sees every cached position; a prompt needs the causal mask (offset by p0)
+        mask = None if n == 1 else torch.ones(n, total, dtype=torch.bool).tril(p0)
+        H, KV, D = self.H, self.KV, self.D
+        for i, (norm1, qkv, o, norm2, gate_up, down, act, scaling) in enumerate(self.layers):
+            q, k, v = qkv(norm1(h)).split([H * D, KV * D, KV * D], dim=-1)
+            q, k = rotary(heads(q, H, D), cos, sin, rot, partial), rotary(heads(k, KV, D), cos, sin, rot, partial)
+            cache.k[i][:, :, p0:total] = k
+            cache.v[i][:, :, p0:total] = heads(v, KV, D)
+            a = F.scaled_dot_product_attention(q, cache.k[i][:, :, :total], cache.v[i][:, :, :total], attn_mask=mask,
+                                               scale=scaling, enable_gqa=KV != H)
+            h = h + o(a.transpose(1, 2).reshape(1, n, H * D))
+            g, u = gate_up(norm2(h)).split([self.inner, self.inner], dim=-1)
+            h = h + down(act(g) * u)
+        cache.length = total
+        return self.head(self.model.model.norm(h[:, -1:]))

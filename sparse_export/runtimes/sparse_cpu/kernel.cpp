@@ -1,0 +1,521 @@
+// Int8 Linear kernels for decode on CPU: y = x W^T + b with W on a per-row int8 grid.
+//
+// Activations: each token (row of x) is quantized to uint8 with its own scale and zero point.
+// Weights: either bitmask-packed (one mask bit per weight, 64-weight words, the nonzero int8 values
+// packed row by row) or dense int8 rows padded to a multiple of 64.
+// Integer part: acc = sum_k xq[k] * w[k] in int32; out = wscale[r] * xscale[t] * (acc - zp[t] * rowsum[r]) + b[r].
+//
+// Two code paths give identical integers (and, with -ffp-contract=off, identical floats):
+//   fast:   AVX-512 VBMI2 vpexpandb puts 64 packed weights in place under a 64-bit mask,
+//           VNNI vpdpbusd multiplies them with 64 uint8 activations into 16 int32 lanes;
+//   scalar: plain C++, for machines without these instructions (or when forced).
+// The fast path is compiled with a function-level target attribute and chosen at run time.
+// Threads (a small pool, below) split the output rows; each loops over tokens in chunks of 8 so a row's
+// weights are read once per chunk.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#define FAST_TARGET "avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt"
+
+namespace {
+
+constexpr int MAX_TOKENS = 8;  // tokens per pass over a row's weights
+constexpr int GROUP = 4;       // rows per work item
+constexpr int PREFETCH_BYTES = 256;  // how far ahead in a row's packed values to prefetch
+
+// One packed Linear (field order mirrors kernel.py's _Layer).
+struct Layer {
+  int64_t out, in, words;   // words = ceil(in / 64): mask words (and 64-byte blocks) per row
+  const uint64_t* mask;     // [out][words]; bit j of word w: column 64w+j is nonzero. null: dense
+  const int8_t* values;     // sparse: nonzeros row by row (+64 bytes slack); dense: [out][64*words]
+  const int64_t* offsets;   // sparse: index of each row's first nonzero in values, [out+1]
+  const int32_t* rowsum;    // sum of each row's int8 weights (zero-point correction)
+  const float* scale;       // weight scale per row
+  const float* bias;        // [out] or null
+};
+
+// Quantized activations of n tokens: rows of `stride` bytes (the padding is zero).
+struct Acts {
+  const uint8_t* q;
+  int64_t stride;
+  const float* scale;
+  const int32_t* zp;
+};
+
+bool cpu_has_fast() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni") &&
+         __builtin_cpu_supports("popcnt");
+}
+
+// min/max over the row -> scale (hi-lo)/255 with the range widened to hold 0, zero point round(-lo/s).
+void quantize_row(const float* x, int64_t k, int64_t stride, uint8_t* q, float* scale, int32_t* zp) {
+  float lo = 0.f, hi = 0.f;
+  for (int64_t i = 0; i < k; ++i) {
+    lo = std::min(lo, x[i]);
+    hi = std::max(hi, x[i]);
+  }
+  float s = (hi - lo) / 255.f;
+  if (s == 0.f) s = 1.f;
+  float z = std::min(std::max(std::nearbyint(-lo / s), 0.f), 255.f);
+  for (int64_t i = 0; i < k; ++i) {
+    float v = std::nearbyint(x[i] / s) + z;  // round half to even, as torch.round
+    q[i] = (uint8_t)std::min(std::max(v, 0.f), 255.f);
+  }
+  std::memset(q + k, 0, stride - k);
+  *scale = s;
+  *zp = (int32_t)z;
+}
+
+// The same quantization 16 floats at a time (division and round-half-even are exact IEEE operations,
+// min/max exact, so the results are the scalar loop's bit for bit).
+__attribute__((target(FAST_TARGET))) void quantize_row_fast(const float* x, int64_t k, int64_t stride, uint8_t* q,
+                                                            float* scale, int32_t* zp) {
+  __m512 lo = _mm512_setzero_ps(), hi = lo;
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_loadu_ps(x + i);
+    lo = _mm512_min_ps(lo, v);
+    hi = _mm512_max_ps(hi, v);
+  }
+  float l = _mm512_reduce_min_ps(lo), h = _mm512_reduce_max_ps(hi);
+  for (; i < k; ++i) {
+    l = std::min(l, x[i]);
+    h = std::max(h, x[i]);
+  }
+  float s = (h - l) / 255.f;
+  if (s == 0.f) s = 1.f;
+  float z = std::min(std::max(std::nearbyint(-l / s), 0.f), 255.f);
+  const __m512 vs = _mm512_set1_ps(s), vz = _mm512_set1_ps(z), v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.f);
+  for (i = 0; i + 16 <= k; i += 16) {
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + i), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(_mm512_add_ps(v, vz), v0), v255);
+    _mm_storeu_si128((__m128i*)(q + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; i < k; ++i) {
+    float v = std::nearbyint(x[i] / s) + z;
+    q[i] = (uint8_t)std::min(std::max(v, 0.f), 255.f);
+  }
+  std::memset(q + k, 0, stride - k);
+  *scale = s;
+  *zp = (int32_t)z;
+}
+
+// ---- fast path, bitmask layout: one row x B tokens. U accumulators per token over consecutive words hide
+// vpdpbusd's latency. One row at a time keeps one sequential stream of mask words and one of values, which
+// the hardware prefetcher follows (interleaving 4 rows' variable-length streams halved the speed from DRAM).
+
+// Word w of the row into accumulator u of each token.
+template <int B, int U>
+__attribute__((target(FAST_TARGET), always_inline)) inline void step_fast(const Acts& a, const uint8_t* xq,
+                                                                          const uint64_t* m, const int8_t*& p,
+                                                                          int64_t w, int u, __m512i (&sum)[B][U]) {
+  _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);  // ahead of the hardware prefetcher
+  uint64_t bits = m[w];
+  __m512i wv = _mm512_maskz_expandloadu_epi8(bits, p);  // vpexpandb: packed nonzeros -> their lanes
+  p += _mm_popcnt_u64(bits);
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b)
+    sum[b][u] = _mm512_dpbusd_epi32(sum[b][u], _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+}
+
+template <int B>
+__attribute__((target(FAST_TARGET))) void row_sparse(const Layer& L, const Acts& a, int64_t t0, int64_t r,
+                                                     int32_t* acc) {
+  constexpr int U = B == 1 ? 4 : B < 4 ? 2 : 1;
+  __m512i sum[B][U];
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b)
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) sum[b][u] = _mm512_setzero_si512();
+  const int8_t* p = L.values + L.offsets[r];
+  const uint64_t* m = L.mask + r * L.words;
+  const uint8_t* xq = a.q + t0 * a.stride;
+  int64_t w = 0;
+  for (; w + U <= L.words; w += U) {
+#pragma GCC unroll 4
+    for (int u = 0; u < U; ++u) step_fast<B, U>(a, xq, m, p, w + u, u, sum);
+  }
+  for (; w < L.words; ++w) step_fast<B, U>(a, xq, m, p, w, 0, sum);
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    __m512i t = sum[b][0];
+#pragma GCC unroll 4
+    for (int u = 1; u < U; ++u) t = _mm512_add_epi32(t, sum[b][u]);
+    acc[b] = _mm512_reduce_add_epi32(t);
+  }
+}
+
+// ---- fast path, dense layout: R rows x B tokens at once, each with its own accumulator (here four
+// interleaved row streams read DRAM faster than one).
+
+template <int B, int R>
+__attribute__((target(FAST_TARGET))) void rows_dense(const Layer& L, const Acts& a, int64_t t0, int64_t r0,
+                                                     int32_t* acc) {
+  __m512i sum[B * R];
+  const int8_t* p[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) p[r] = L.values + (r0 + r) * 64 * L.words;
+#pragma GCC unroll 32
+  for (int i = 0; i < B * R; ++i) sum[i] = _mm512_setzero_si512();
+  const uint8_t* xq = a.q + t0 * a.stride;
+  for (int64_t w = 0; w < L.words; ++w) {
+    __m512i x[B];
+#pragma GCC unroll 8
+    for (int b = 0; b < B; ++b) x[b] = _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      __m512i wv = _mm512_loadu_si512((const void*)(p[r] + 64 * w));
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) sum[b * R + r] = _mm512_dpbusd_epi32(sum[b * R + r], x[b], wv);
+    }
+  }
+#pragma GCC unroll 32
+  for (int i = 0; i < B * R; ++i) acc[i] = _mm512_reduce_add_epi32(sum[i]);
+}
+
+// ---- scalar path: one row, B tokens
+
+template <bool DENSE>
+void rows_scalar(const Layer& L, const Acts& a, int64_t t0, int nb, int64_t r, int32_t* acc) {
+  for (int b = 0; b < nb; ++b) {
+    const uint8_t* xq = a.q + (t0 + b) * a.stride;
+    int32_t s = 0;
+    if (DENSE) {
+      const int8_t* w = L.values + r * 64 * L.words;
+      for (int64_t k = 0; k < 64 * L.words; ++k) s += (int32_t)xq[k] * w[k];
+    } else {
+      const int8_t* p = L.values + L.offsets[r];
+      const uint64_t* m = L.mask + r * L.words;
+      for (int64_t w = 0; w < L.words; ++w) {
+        for (uint64_t bits = m[w]; bits; bits &= bits - 1)  // each set bit: the next packed value
+          s += (int32_t)xq[64 * w + __builtin_ctzll(bits)] * *p++;
+      }
+    }
+    acc[b] = s;
+  }
+}
+
+// acc[b * stride] of row r for tokens t0.. -> y (and the corrected integers when asked)
+void finish(const Layer& L, const Acts& a, int64_t t0, int nb, int64_t r, const int32_t* acc, int stride,
+            float* y, int32_t* ints) {
+  for (int b = 0; b < nb; ++b) {
+    int64_t t = t0 + b;
+    int64_t v = (int64_t)acc[b * stride] - (int64_t)a.zp[t] * L.rowsum[r];
+    if (ints) ints[t * L.out + r] = (int32_t)v;
+    float f = L.scale[r] * a.scale[t] * (float)v;
+    if (L.bias) f += L.bias[r];
+    y[t * L.out + r] = f;
+  }
+}
+
+// Rows [r0, r1) x tokens [t0, t0+B) on the fast path.
+template <int B, bool DENSE>
+__attribute__((target(FAST_TARGET))) void group_fast(const Layer& L, const Acts& a, int64_t t0, int64_t r0,
+                                                     int64_t r1, float* y, int32_t* ints) {
+  constexpr int R = B == 1 ? 4 : B < 4 ? 2 : 1;  // dense: B*R >= 4 accumulators where it fits
+  int32_t acc[B * R];
+  int64_t r = r0;
+  if (DENSE) {
+    for (; r + R <= r1; r += R) {
+      rows_dense<B, R>(L, a, t0, r, acc);
+      for (int i = 0; i < R; ++i) finish(L, a, t0, B, r + i, acc + i, R, y, ints);
+    }
+    for (; r < r1; ++r) {
+      rows_dense<B, 1>(L, a, t0, r, acc);
+      finish(L, a, t0, B, r, acc, 1, y, ints);
+    }
+  } else {
+    for (; r < r1; ++r) {
+      row_sparse<B>(L, a, t0, r, acc);
+      finish(L, a, t0, B, r, acc, 1, y, ints);
+    }
+  }
+}
+
+template <bool DENSE>
+void group_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
+                         int32_t* ints) {
+  switch (nb) {
+    case 1: return group_fast<1, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 2: return group_fast<2, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 3: return group_fast<3, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 4: return group_fast<4, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 5: return group_fast<5, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 6: return group_fast<6, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 7: return group_fast<7, DENSE>(L, a, t0, r0, r1, y, ints);
+    default: return group_fast<8, DENSE>(L, a, t0, r0, r1, y, ints);
+  }
+}
+
+template <bool DENSE>
+void group_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
+                  int32_t* ints) {
+  int32_t acc[MAX_TOKENS];
+  for (int64_t r = r0; r < r1; ++r) {
+    rows_scalar<DENSE>(L, a, t0, nb, r, acc);
+    finish(L, a, t0, nb, r, acc, 1, y, ints);
+  }
+}
+
+
+// ---- threads: the caller and up to threads-1 pool workers take chunks of a job from one counter.
+// The caller never waits for a worker that has not started: a worker the OS schedules late finds the
+// job taken and goes back to sleep. (An OpenMP team waits at its barrier for every thread; on a machine
+// busy with other work that stalled each call by a scheduler slice, ~16 ms.) Workers spin briefly
+// between jobs (decode calls the kernel every few tens of microseconds), then sleep.
+
+class Pool {
+ public:
+  using Fn = void (*)(void* ctx, int64_t chunk);
+
+  void run(int threads, int64_t chunks, Fn fn, void* ctx) {
+    if (threads <= 1 || chunks <= 1) {
+      for (int64_t c = 0; c < chunks; ++c) fn(ctx, c);
+      return;
+    }
+    std::lock_guard<std::mutex> one_job(job_mutex_);  // one job at a time (callers on several threads)
+    grow(threads - 1);
+    uint64_t gen = (ticket_.load(std::memory_order_relaxed) >> 32) + 1;
+    Job& job = jobs_[gen & 1];  // the other slot may still be read by a worker late for the last job
+    job = Job{fn, ctx, chunks, threads - 1};
+    done_.store(0, std::memory_order_relaxed);
+    ticket_.store(gen << 32, std::memory_order_release);  // publish: generation, next chunk 0
+    {
+      std::lock_guard<std::mutex> lk(sleep_mutex_);
+    }
+    wake_.notify_all();
+    int64_t mine = work(gen, job);
+    int64_t target = chunks - mine;  // chunks the workers took: wait for those only
+    while (done_.load(std::memory_order_acquire) < target) _mm_pause();
+  }
+
+ private:
+  struct Job {
+    Fn fn;
+    void* ctx;
+    int64_t chunks;
+    int workers;  // how many pool workers may join
+  };
+
+  // Take and run chunks of job `gen` until none is left; returns how many this thread ran.
+  int64_t work(uint64_t gen, const Job& job) {
+    int64_t ran = 0;
+    uint64_t t = ticket_.load(std::memory_order_acquire);
+    while ((t >> 32) == gen && (int64_t)(t & 0xffffffffu) < job.chunks) {
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) {
+        job.fn(job.ctx, (int64_t)(t & 0xffffffffu));
+        ++ran;
+        t = ticket_.load(std::memory_order_acquire);
+      }
+    }
+    return ran;
+  }
+
+  void worker(int index) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t t = ticket_.load(std::memory_order_acquire);
+      for (int spin = 0; (t >> 32) == seen; ++spin) {
+        if (spin < 20000) {
+          _mm_pause();
+        } else {
+          std::unique_lock<std::mutex> lk(sleep_mutex_);
+          wake_.wait(lk, [&] { return (ticket_.load(std::memory_order_acquire) >> 32) != seen; });
+        }
+        t = ticket_.load(std::memory_order_acquire);
+      }
+      seen = t >> 32;
+      const Job& job = jobs_[seen & 1];
+      if (index >= job.workers) continue;
+      int64_t ran = work(seen, job);
+      if (ran) done_.fetch_add(ran, std::memory_order_release);
+    }
+  }
+
+  void grow(int workers) {
+    while ((int)threads_.size() < workers) {
+      int index = (int)threads_.size();
+      threads_.emplace_back([this, index] { worker(index); });
+      threads_.back().detach();  // the pool lives as long as the process
+    }
+  }
+
+  std::atomic<uint64_t> ticket_{0};  // (generation << 32) | next chunk
+  std::atomic<int64_t> done_{0};     // chunks the workers finished in this generation
+  Job jobs_[2] = {};
+  std::vector<std::thread> threads_;
+  std::mutex job_mutex_, sleep_mutex_;
+  std::condition_variable wake_;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: detached workers may still be asleep on it at exit
+  return *p;
+}
+
+template <bool DENSE>
+struct LinearJob {
+  const Layer& L;
+  const Acts& a;
+  int64_t n, groups_per_chunk;
+  float* y;
+  int32_t* ints;
+  bool fast;
+
+  static void chunk(void* ctx, int64_t c) {
+    auto& j = *static_cast<LinearJob*>(ctx);
+    int64_t r_end = std::min(j.L.out, (c + 1) * j.groups_per_chunk * GROUP);
+    for (int64_t r0 = c * j.groups_per_chunk * GROUP; r0 < r_end; r0 += GROUP) {
+      int64_t r1 = std::min(r0 + GROUP, j.L.out);
+      for (int64_t t0 = 0; t0 < j.n; t0 += MAX_TOKENS) {  // this group's weights stay in cache across chunks
+        int nb = (int)std::min<int64_t>(MAX_TOKENS, j.n - t0);
+        if (j.fast)
+          group_dispatch_fast<DENSE>(nb, j.L, j.a, t0, r0, r1, j.y, j.ints);
+        else
+          group_scalar<DENSE>(nb, j.L, j.a, t0, r0, r1, j.y, j.ints);
+      }
+    }
+  }
+};
+
+template <bool DENSE>
+void linear(const Layer& L, const Acts& a, int64_t n, float* y, int32_t* ints, int threads, bool fast) {
+  int64_t groups = (L.out + GROUP - 1) / GROUP;
+  // ~8 chunks per thread: rows differ in nonzeros, and a late thread leaves less undone
+  int64_t per = std::max<int64_t>(1, groups / (8 * threads));
+  LinearJob<DENSE> job{L, a, n, per, y, ints, fast};
+  pool().run(threads, (groups + per - 1) / per, &LinearJob<DENSE>::chunk, &job);
+}
+
+// checksum: the sum of the little-endian 64-bit words, then of the bytes past the last whole word
+uint64_t read_scalar(const uint8_t* p, int64_t bytes) {
+  uint64_t s = 0;
+  int64_t i = 0;
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t v;
+    std::memcpy(&v, p + i, 8);
+    s += v;
+  }
+  for (; i < bytes; ++i) s += p[i];
+  return s;
+}
+
+__attribute__((target(FAST_TARGET))) uint64_t read_fast(const uint8_t* p, int64_t bytes) {
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  int64_t i = 0;
+  for (; i + 256 <= bytes; i += 256) {
+    s0 = _mm512_add_epi64(s0, _mm512_loadu_si512((const void*)(p + i)));
+    s1 = _mm512_add_epi64(s1, _mm512_loadu_si512((const void*)(p + i + 64)));
+    s2 = _mm512_add_epi64(s2, _mm512_loadu_si512((const void*)(p + i + 128)));
+    s3 = _mm512_add_epi64(s3, _mm512_loadu_si512((const void*)(p + i + 192)));
+  }
+  uint64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+  return s + read_scalar(p + i, bytes - i);
+}
+
+
+struct QuantizeJob {
+  const float* x;
+  int64_t k, stride;
+  uint8_t* q;
+  float* scale;
+  int32_t* zp;
+  bool fast;
+
+  static void chunk(void* ctx, int64_t t) {
+    auto& j = *static_cast<QuantizeJob*>(ctx);
+    if (j.fast)
+      quantize_row_fast(j.x + t * j.k, j.k, j.stride, j.q + t * j.stride, j.scale + t, j.zp + t);
+    else
+      quantize_row(j.x + t * j.k, j.k, j.stride, j.q + t * j.stride, j.scale + t, j.zp + t);
+  }
+};
+
+struct ReadJob {  // part t of `threads` equal parts (multiples of 256 bytes; the last takes the rest)
+  const uint8_t* p;
+  int64_t bytes, part;
+  int parts;
+  bool fast;
+  std::atomic<uint64_t> total;
+
+  static void chunk(void* ctx, int64_t t) {
+    auto& j = *static_cast<ReadJob*>(ctx);
+    int64_t lo = t * j.part, hi = t == j.parts - 1 ? j.bytes : lo + j.part;
+    j.total += j.fast ? read_fast(j.p + lo, hi - lo) : read_scalar(j.p + lo, hi - lo);
+  }
+};
+
+const bool HAS_FAST = cpu_has_fast();
+
+}  // namespace
+
+extern "C" {
+
+// Bumped whenever the Layer struct or a signature changes: kernel.py refuses a stale build.
+int sc_abi_version(void) { return 4; }
+
+// 1 when the AVX-512 VBMI2 + VNNI path can run on this CPU.
+int sc_has_fast(void) { return HAS_FAST ? 1 : 0; }
+
+// Quantize n rows of x [n][k] to uint8 rows of `stride` bytes; scale and zero point per row.
+// path as in sc_linear. Returns 0, or -1 when the fast path was asked for and cannot run.
+int sc_quantize(const float* x, int64_t n, int64_t k, int64_t stride, uint8_t* q, float* scale, int32_t* zp,
+                int path) {
+  bool fast = path == 2 || (path == 0 && HAS_FAST);
+  if (fast && !HAS_FAST) return -1;
+  for (int64_t t = 0; t < n; ++t) {
+    if (fast)
+      quantize_row_fast(x + t * k, k, stride, q + t * stride, scale + t, zp + t);
+    else
+      quantize_row(x + t * k, k, stride, q + t * stride, scale + t, zp + t);
+  }
+  return 0;
+}
+
+// y [n][out] = the layer applied to x [n][in]. ints: null, or [n][out] for acc - zp * rowsum.
+// path: 0 auto, 1 scalar, 2 fast. Returns 0, or -1 when the fast path was asked for and cannot run.
+int sc_linear(const Layer* L, const float* x, int64_t n, float* y, int32_t* ints, int threads, int path) {
+  bool fast = path == 2 || (path == 0 && HAS_FAST);
+  if (fast && !HAS_FAST) return -1;
+  if (threads < 1) threads = 1;
+  int64_t stride = 64 * L->words;
+  uint8_t* q = (uint8_t*)std::aligned_alloc(64, n * stride);
+  float* scale = (float*)std::malloc(n * sizeof(float));
+  int32_t* zp = (int32_t*)std::malloc(n * sizeof(int32_t));
+  if (!q || !scale || !zp) {
+    std::free(q), std::free(scale), std::free(zp);
+    return -2;
+  }
+  QuantizeJob qj{x, L->in, stride, q, scale, zp, fast};
+  pool().run(n > 8 ? threads : 1, n, &QuantizeJob::chunk, &qj);
+  Acts a{q, stride, scale, zp};
+  if (L->mask)
+    linear<false>(*L, a, n, y, ints, threads, fast);
+  else
+    linear<true>(*L, a, n, y, ints, threads, fast);
+  std::free(q), std::free(scale), std::free(zp);
+  return 0;
+}
+
+// Read `bytes` bytes once with `threads` threads (a streaming-read bandwidth probe); returns a checksum.
+uint64_t sc_stream_read(const uint8_t* p, int64_t bytes, int threads, int path) {
+  if (threads < 1) threads = 1;
+  ReadJob job{p, bytes, (bytes / threads) & ~int64_t(255), threads, (path == 2 || path == 0) && HAS_FAST, {0}};
+  pool().run(threads, threads, &ReadJob::chunk, &job);
+  return job.total.load();
+}
+
+}  // extern "C"
