@@ -675,5 +675,6 @@ def _meta(run: _Run, folder: Path, source, summary: dict, weights: dict, validat
                                     "calibration": {**cal, "range": f"percentile {opts['percentile']}"
                                                     if opts.get("percentile") else "min/max"},
                                     # SmoothQuant alpha of the prune, as the in-memory export records it
-                                    "smooth": (read_meta(run.folder).get("recipe") or {}).get("smooth")})
+                                    "smooth": (read_meta(run.folder).get("recipe") or {}).get("smooth"),
+                                    "max_error": opts.get("max_error")})
     return meta
