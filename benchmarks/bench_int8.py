@@ -297,6 +297,7 @@ def profile(deploy_dir, threads):
 # ---- --graph: the INT8 graph's own accuracy per option, and its DeepSparse speed ---------------------
 
 GRAPH_BARS = {"ppl_vs_fp32_sparse": 0.05, "speedup_lost": 0.10}
+MAX_ERROR = 0.003   # the sensitivity variant: about the 9 most sensitive down_proj layers of SmolLM2 stay fp32
 
 
 def graph_variants(alphas: list[float], ratio: float) -> list[dict]:
@@ -315,12 +316,16 @@ def graph_variants(alphas: list[float], ratio: float) -> list[dict]:
                      int8=False),
                 dict(name=f"int8-smooth{a:g}", label=f"int8, smooth {a:g}", folder=f"joint50-w8-smooth{a:g}"),
                 dict(name=f"int8-smooth{a:g}-all", label=f"int8, smooth {a:g}, every Linear int8",
-                     folder=f"joint50-w8-smooth{a:g}", outlier_ratio=0.0)]
+                     folder=f"joint50-w8-smooth{a:g}", outlier_ratio=0.0),
+                dict(name=f"int8-smooth{a:g}-err{MAX_ERROR:g}",
+                     label=f"int8, smooth {a:g}, fp32 where int8 inputs cost > {MAX_ERROR:g} (relative squared error)",
+                     folder=f"joint50-w8-smooth{a:g}", max_error=MAX_ERROR)]
     for v in out:
         v.setdefault("int8", True)
         if v["int8"]:
             v.setdefault("percentile", None)
             v.setdefault("outlier_ratio", ratio)
+            v.setdefault("max_error", None)
     return out
 
 
@@ -330,7 +335,8 @@ def graph_export(v: dict, src: Path, out: Path, logits: str, act: dict, step) ->
         step(f"exporting {v['name']} (logits={logits})")
         if v["int8"]:
             export_int8(src, out, logits=logits, calib=act["calib"], nsamples=act["nsamples"], seqlen=act["seqlen"],
-                        percentile=v["percentile"], outlier_ratio=v["outlier_ratio"] or None, log=lambda *a: None)
+                        percentile=v["percentile"], outlier_ratio=v["outlier_ratio"] or None,
+                        max_error=v["max_error"], log=lambda *a: None)
         else:
             export_onnx(src, out, logits=logits, log=lambda *a: None)
     return out
@@ -347,7 +353,7 @@ def graph_main(args, setting, cfg, calib, wiki, work, step):
         unknown = keep - {v["name"] for v in variants}
         if unknown:
             sys.exit(f"unknown --variants: {sorted(unknown)} (choose from {', '.join(v['name'] for v in variants)})")
-        variants = [v for v in variants if v["name"] in keep or v["name"] == "fp32-sparse"]
+        variants = [v for v in variants if v["name"] in keep | {"fp32-sparse", "int8"}]   # the references
     earlier = {}
     if args.ppl_from:
         prev = json.loads(Path(args.ppl_from).read_text())
@@ -388,9 +394,12 @@ def graph_main(args, setting, cfg, calib, wiki, work, step):
 
     speed = None
     if args.graph_speed:
-        deploy = {"dense-fp32": graph_export(dict(name="dense-fp32", int8=False), dense, work / "speed-dense-fp32", "last", act, step)}
+        deploy = {"dense-fp32": graph_export(dict(name="dense-fp32", int8=False), dense, work / "speed-dense-fp32",
+                                             "last", act, step)}
         for v in variants:
-            deploy[v["name"]] = graph_export(v, folders[v["folder"]], work / f"speed-{v['name']}", "last", act, step)
+            if v["int8"] or v["name"] == "fp32-sparse":
+                deploy[v["name"]] = graph_export(v, folders[v["folder"]], work / f"speed-{v['name']}", "last", act,
+                                                 step)
         step(f"timing {', '.join(deploy)} on DeepSparse")
         speed = bench.benchmark_prefill(deploy, ["deepsparse"], baseline="dense-fp32", batch=1, seqlen=400,
                                         warmup=cfg["warmup"], iterations=cfg["iterations"], threads=args.threads,
