@@ -4,7 +4,8 @@ and refuses (one line) past the tolerance; the measured difference is recorded i
 sparse_export.json under "validation".
 """
 
-from typing import Any
+import copy
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -25,6 +26,12 @@ LOGITS_TOLERANCE = 1e-3
 # fake-quant model differs from the same weights with fp32 activations by 2.5-5.9). Accepted: at most
 # INT8_NOISE_FACTOR times that quantization effect; wrong scales or a broken graph give far more.
 INT8_NOISE_FACTOR = 2.0
+# A model whose weights carry large factors (SmoothQuant's --smooth folds activation outliers into them:
+# SmolLM2 at alpha 0.5 has |W| up to 136 instead of 9) rounds more in fp32: torch's own fp32 logits
+# then sit ~1e-3 from the exact (fp64) ones, and an engine that sums in another order lands ~2e-3 from
+# torch. Past LOGITS_TOLERANCE, the check measures that rounding on the same tokens (torch fp32 against
+# the model in fp64) and accepts up to FP32_NOISE_FACTOR times it; a wrong graph is off by far more.
+FP32_NOISE_FACTOR = 4.0
 # What an export checks itself on: a short batch of random tokens (seeded).
 CHECK_BATCH, CHECK_TOKENS = 1, 16
 
@@ -46,6 +53,25 @@ def compare(got: np.ndarray, reference: np.ndarray, tolerance: float, what: str)
     if not diff <= tolerance:
         raise UserError(f"{what} disagrees with torch: max |difference| {diff:.2e} > tolerance {tolerance:.0e}")
     return {"max_abs_diff": diff, "max_abs_output": float(np.abs(reference).max()), "tolerance": tolerance}
+
+
+def compare_fp32(got: np.ndarray, reference: np.ndarray, model, output_of: Callable, tolerance: float,
+                 what: str) -> dict:
+    """compare(); past `tolerance`, widen it to FP32_NOISE_FACTOR x the model's own fp32 rounding:
+    max |reference - output_of(model in fp64)| (a float64 copy of the model, made only then)."""
+    try:
+        return compare(got, reference, tolerance, what)
+    except UserError:
+        exact = output_of(copy.deepcopy(model).double())
+        noise = float(np.abs(reference.astype(np.float64) - exact).max())
+        return {**compare(got, reference, max(tolerance, FP32_NOISE_FACTOR * noise), what), "fp32_noise": noise}
+
+
+def fp32_tolerance(model, logits: str, ids: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> float:
+    """The tolerance for engines on `model`'s fp32 graph over these inputs: LOGITS_TOLERANCE, or
+    FP32_NOISE_FACTOR x torch's own fp32 rounding there when that is larger (see compare_fp32)."""
+    exact = _output64(copy.deepcopy(model).double(), logits, ids, mask)
+    return max(LOGITS_TOLERANCE, FP32_NOISE_FACTOR * float(np.abs(reference.astype(np.float64) - exact).max()))
 
 
 def agreement(rows: list[dict], reference: dict, tolerance: float = LOGITS_TOLERANCE) -> list[dict]:
@@ -70,11 +96,19 @@ def validate_plain(model, onnx_file, logits: str, reference: np.ndarray | None =
     reference: torch's output for `inputs` when the caller has it (e.g. the fake-quantized model's).
     """
     ids, mask = inputs if inputs is not None else random_tokens(model.config.vocab_size, CHECK_BATCH, CHECK_TOKENS)
-    if reference is None:
+    own = reference is None   # torch's fp32 output of this model: its fp32 rounding may widen the tolerance
+    if own:
         reference = reference_output(model, logits, ids, mask)
     got = onnxruntime_session(onnx_file).run(None, {"input_ids": ids, "attention_mask": mask})[0]
-    return {"runtime": "onnxruntime", "inputs": f"{ids.shape[0]} x {ids.shape[1]} random tokens (seed 0)",
-            **compare(got, reference, tolerance, "the exported graph on ONNX Runtime")}
+    what = "the exported graph on ONNX Runtime"
+    result = (compare_fp32(got, reference, model, lambda m: _output64(m, logits, ids, mask), tolerance, what)
+              if own else compare(got, reference, tolerance, what))
+    return {"runtime": "onnxruntime", "inputs": f"{ids.shape[0]} x {ids.shape[1]} random tokens (seed 0)", **result}
+
+
+def _output64(model, logits: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    with torch.inference_mode():
+        return ExportModule(model, logits).eval()(torch.from_numpy(ids), torch.from_numpy(mask)).double().numpy()
 
 
 def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOLERANCE) -> dict:
@@ -82,8 +116,11 @@ def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOL
     cache it returned; both against the full-sequence torch logits of the same tokens."""
     n = max(1, min(CHECK_TOKENS, max_length - 1))
     ids = random_tokens(model.config.vocab_size, 1, n + 1)[0]
-    with torch.inference_mode():
-        ref = model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
+    def logits_of(m):
+        with torch.inference_mode():
+            return m(input_ids=torch.from_numpy(ids), use_cache=False).logits.double().numpy()
+
+    ref = logits_of(model).astype(np.float32)
     layers, kv, d = cache_spec(model)
     past_names = cache_names(layers, "past_key_values")
     session = onnxruntime_session(onnx_file)
@@ -97,4 +134,4 @@ def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOL
     decode, _ = step(ids[:, n:], n, keep_last(cache, max_length - 1))
     got = np.concatenate([prompt, decode], axis=1)
     return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
-            **compare(got, ref, tolerance, "the exported KV-cache graph on ONNX Runtime")}
+            **compare_fp32(got, ref, model, logits_of, tolerance, "the exported KV-cache graph on ONNX Runtime")}

@@ -26,7 +26,7 @@ from ..export.int8_calib import fake_int8
 from ..export.onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, prepare_int8, write_int8_deployment
 from ..export.onnx_kv import export_kv_onnx
 from ..export.onnx_plain import write_deployment
-from ..export.validate import agreement, int8_tolerance, reference_output
+from ..export.validate import agreement, fp32_tolerance, int8_tolerance, reference_output
 from ..measure.generation import benchmark_generation, plot_generation
 from ..measure.machine import trust_line
 from ..measure.prefill import benchmark_prefill, save_prefill
@@ -54,6 +54,7 @@ class _Run:
     inputs_note: str = ""
     folders: dict = field(default_factory=dict)      # label -> deployment folder
     reference: dict = field(default_factory=dict)    # label -> torch output for `inputs`
+    tolerance: dict = field(default_factory=dict)    # label -> max |engine - torch| accepted on `inputs`
     exports: dict = field(default_factory=dict)      # label -> deployment metadata
     ppl: dict = field(default_factory=dict)          # label -> perplexity result
     prune_meta: dict = None
@@ -113,6 +114,7 @@ def _deploy_fp32(run: _Run, label: str, spec, m, tok):
         run.ppl[label] = evaluate(spec, run.opts.eval_data, run.opts.eval_seqlen, run.opts.max_segments,
                                   model=m, tokenizer=tok)
     run.reference[label] = reference_output(m, run.opts.logits, *run.inputs)
+    run.tolerance[label] = fp32_tolerance(m, run.opts.logits, *run.inputs, run.reference[label])
     run.folders[label] = run.tmp / f"onnx-{label}"
     run.exports[label] = write_deployment(m, tok, run.folders[label], run.opts.logits, source=spec,
                                           log=run.step_log)
@@ -216,7 +218,8 @@ def prefill_step(run: _Run) -> dict:
                                log=run.log)
     run.log(trust_line(result["trust"]))
     rows = result["rows"]
-    agree = agreement([r for r in rows if r["model"] != "int8"], run.reference)
+    agree = [a for label in ("dense", "sparse")
+             for a in agreement([r for r in rows if r["model"] == label], run.reference, run.tolerance[label])]
     if o.int8:
         agree += agreement([r for r in rows if r["model"] == "int8"], run.reference,
                            int8_tolerance(run.reference["int8"], run.reference["sparse"]))

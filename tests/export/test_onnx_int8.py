@@ -226,6 +226,21 @@ def test_cli_export_int8(int8_dirs, text_file, tmp_path, capsys):
     assert meta["int8"]["matmul_integer"] == 14 and meta["int8"]["weight_source"] == "recorded"
     assert meta["int8"]["calibration"]["nsamples"] == 2 and meta["logits"] == "last"
     assert meta["int8"]["attention"]["score_matmul"] == "int8" and len(meta["int8"]["attention"]["qparams"]) == 2
+    assert meta["int8"]["max_error"] is None
+
+
+def test_cli_export_int8_max_error(int8_dirs, text_file, tmp_path):
+    """--max-error reaches the export: a tiny threshold keeps more Linear layers fp32 than none does."""
+    from sparse_export.cli.main import main
+
+    folder, _ = int8_dirs["llama"]
+    base = ["export", "onnx", str(folder), "--int8", "--calib", str(text_file), "--nsamples", "2",
+            "--calib-seqlen", "32", "--outlier-ratio", "0"]
+    assert main(base + ["--out", str(tmp_path / "all")]) == 0
+    assert main(base + ["--out", str(tmp_path / "cut"), "--max-error", "1e-9"]) == 0
+    every, cut = read_meta(tmp_path / "all")["int8"], read_meta(tmp_path / "cut")["int8"]
+    assert cut["max_error"] == 1e-9 and every["max_error"] is None
+    assert cut["matmul_integer"] < every["matmul_integer"] == 14
 
 
 @pytest.mark.parametrize("args,words", [
@@ -235,6 +250,9 @@ def test_cli_export_int8(int8_dirs, text_file, tmp_path, capsys):
     (["--int8", "--percentile", "30"], "--percentile"),
     (["--outlier-ratio", "3"], "--int8 only"),
     (["--fp32-attention"], "--int8 only"),
+    (["--max-error", "0.01"], "--int8 only"),
+    (["--int8", "--max-error", "0"], "--max-error must be > 0"),
+    (["--int8", "--max-error", "0.01", "--stream"], "--max-error is not available with the streamed export"),
 ])
 def test_cli_export_int8_bad_options(args, words, int8_dirs, tmp_path, capsys):
     from sparse_export.cli.main import main

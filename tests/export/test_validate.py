@@ -1,6 +1,8 @@
 """Exports check their own output: ONNX Runtime against torch, recorded under "validation", refused
 (one line, nothing written) past the tolerance."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -70,3 +72,25 @@ def test_compare_and_agreement():
     assert validate.agreement(rows, {"m": ref})[0]["max_abs_diff"] == 0
     assert validate.int8_tolerance(ref + 2, ref) == 2 * validate.INT8_NOISE_FACTOR
     assert validate.int8_tolerance(ref, ref) == validate.LOGITS_TOLERANCE
+
+
+def test_fp32_rounding_widens_the_tolerance_only_as_far_as_it_goes(tiny_dirs):
+    """A model with large weights rounds more in fp32: compare_fp32 measures that (fp64 copy) and accepts
+    an engine within FP32_NOISE_FACTOR of it, and still refuses an output off by more."""
+    model, _ = models.load_model(tiny_dirs["llama"])
+    model.float()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3e4)       # logits ~1e4: fp32 rounding ~1e-3
+    ids, mask = validate.random_tokens(model.config.vocab_size, 1, 16)
+    ref = validate.reference_output(model, "all", ids, mask)
+    exact = validate._output64(copy.deepcopy(model).double(), "all", ids, mask)
+    noise = float(np.abs(ref.astype(np.float64) - exact).max())
+    assert noise > validate.LOGITS_TOLERANCE / validate.FP32_NOISE_FACTOR      # the case this is for
+    output_of = lambda m: validate._output64(m, "all", ids, mask)
+    off = np.float32(2 * noise)
+    got = validate.compare_fp32(ref + off, ref, model, output_of, validate.LOGITS_TOLERANCE, "x")
+    assert got["fp32_noise"] == pytest.approx(noise) and got["max_abs_diff"] == pytest.approx(off, rel=1e-3)
+    with pytest.raises(UserError, match="x disagrees"):
+        validate.compare_fp32(ref + 5 * noise, ref, model, output_of, validate.LOGITS_TOLERANCE, "x")
+    # within the plain tolerance, nothing extra is measured
+    assert "fp32_noise" not in validate.compare_fp32(ref, ref, model, output_of, validate.LOGITS_TOLERANCE, "x")
