@@ -7,6 +7,7 @@ tokens, last-token logits, models timed interleaved. Decode: KV-cache graphs, 12
 more threads). Results: benchmarks/results/owl-speed.{json,md}.
 
   python benchmarks/bench_owl_speed.py --work /tmp/owl-speed     # ~25 min; folders are reused on a rerun
+  python benchmarks/bench_owl_speed.py --work /tmp/owl-speed --prepare-only   # the untimed part first
 """
 
 import argparse
@@ -35,6 +36,7 @@ def main():
     ap.add_argument("--work", type=Path, required=True, help="pruned models and deployments (kept, reused)")
     ap.add_argument("--threads", type=int, default=None, help="prefill threads (default: all)")
     ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--prepare-only", action="store_true", help="prune and export, time nothing (may share the CPU)")
     args = ap.parse_args()
     calib = data.shared_asset("c4-sample", "c4-train.00000-of-01024.head1041.jsonl")
     if calib is None:
@@ -59,6 +61,8 @@ def main():
         if not kv.exists():
             export_kv_onnx(model, kv, log=print)
         folders[label] = (plain, kv)
+    if args.prepare_only:
+        return
 
     prefill = benchmark_prefill({k: v[0] for k, v in folders.items()}, ["deepsparse"], baseline="dense",
                                 iterations=args.iterations, threads=args.threads)

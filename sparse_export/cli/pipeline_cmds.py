@@ -64,6 +64,10 @@ def prune_and_export_cmd(
                                                 "--int8", **CpuOnly)] = None,
     fp32_attention: Annotated[Optional[bool], _target_opt("fp32_attention", "With --int8: keep the attention "
                                                           "score matmuls fp32.", "--fp32-attention", **CpuOnly)] = None,
+    int8_max_error: Annotated[Optional[float], _target_opt("int8_max_error", "With --int8: also keep fp32 each "
+                                                           "Linear layer whose output its int8 input changes by "
+                                                           "more than this relative squared error (e.g. 0.003).",
+                                                           **CpuOnly)] = None,
     generate: Annotated[Optional[bool], _target_opt("generate", "cpu: also export KV-cache graphs and benchmark "
                                                     "generation.", "--generate/--no-generate", **CpuOnly)] = None,
     prompt_tokens: Annotated[Optional[int], _target_opt("prompt_tokens", "cpu, generation benchmark: prompt length.",
@@ -85,5 +89,5 @@ def prune_and_export_cmd(
         eval_data=eval_data, eval_seqlen=eval_seqlen, max_segments=max_segments,
         runtimes=list(runtime) if runtime else None, bench_batch=bench_batch, bench_seqlen=bench_seqlen,
         warmup=warmup, iterations=iterations, logits=logits, threads=threads, force=force or None, int8=int8,
-        fp32_attention=fp32_attention, generate=generate, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        fp32_attention=fp32_attention, int8_max_error=int8_max_error, generate=generate, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
     prune_and_export(model, out, opts)

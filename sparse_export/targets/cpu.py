@@ -192,9 +192,10 @@ def _deploy_int8(run: _Run, model, tok, pruned_dir):
     run.log(f"int8: activation ranges from {n} x {L} calibration tokens")
     windows = data.calibration_windows(r.calib, tok, n, L, r.seed, model=model)
     scales, qparams, attn, how, fp32 = prepare_int8(model, read_meta(pruned_dir), windows,
-                                                    attention=not o.fp32_attention)
+                                                    attention=not o.fp32_attention, max_error=o.int8_max_error)
     if fp32:
-        run.log(f"int8: {len(fp32)} Linear layer(s) with outlier inputs stay fp32")
+        why = "outlier inputs" + (f" or int8 input error > {o.int8_max_error:g}" if o.int8_max_error else "")
+        run.log(f"int8: {len(fp32)} Linear layer(s) with {why} stay fp32")
     with fake_int8(model, qparams, attn):
         if o.eval_data is not None:
             run.log(f"perplexity of the int8 model on {o.eval_data}")
@@ -202,7 +203,7 @@ def _deploy_int8(run: _Run, model, tok, pruned_dir):
                                        tokenizer=tok)
         run.reference["int8"] = reference_output(model, o.logits, *run.inputs)
         _measure_accuracy(run, "int8", model, tok)
-    extra = {"weight_source": how, "outlier_ratio": OUTLIER_RATIO,
+    extra = {"weight_source": how, "outlier_ratio": OUTLIER_RATIO, "max_error": o.int8_max_error,
              "calibration": {"source": str(r.calib), "nsamples": n, "seqlen": L, "seed": r.seed, "range": "min/max"}}
     return write_int8_deployment(model, tok, run.folders["int8"], scales, qparams, attn, o.logits,
                                  source=pruned_dir, extra=extra, log=run.log)

@@ -37,6 +37,7 @@ class CpuOptions:
     force: bool = False
     int8: bool = False                    # also prune onto the int8 grid and export onnx-int8/
     fp32_attention: bool = False          # with int8: attention score matmuls stay fp32
+    int8_max_error: float | None = None   # with int8: keep fp32 the Linear layers int8 inputs hurt more than this
     generate: bool = True                 # also export KV-cache graphs and benchmark generation
     prompt_tokens: int = 256
     new_tokens: int = 128
@@ -44,6 +45,12 @@ class CpuOptions:
     def validate(self) -> "CpuOptions":
         if self.fp32_attention and not self.int8:
             raise UserError("--fp32-attention applies to --int8 only")
+        if self.int8_max_error is not None:
+            if not self.int8:
+                raise UserError("--int8-max-error applies to --int8 only")
+            if not self.int8_max_error > 0:
+                raise UserError(f"--int8-max-error must be > 0 (a relative squared error, e.g. 0.003), "
+                                f"got {self.int8_max_error}")
         if self.int8:
             if self.recipe.wbits not in (None, 8):
                 raise UserError(f"--int8 prunes onto the 8-bit grid; --wbits {self.recipe.wbits} contradicts it")

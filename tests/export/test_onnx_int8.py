@@ -303,22 +303,30 @@ def test_graph_quantizes_the_attention_scores_like_torch(int8_dirs):
     assert np.abs(with_attn - without).max() > 20 * err
 
 
-def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys):
+@pytest.mark.parametrize("max_error", [None, 1e-9])
+def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys, max_error):
     import json
 
     from sparse_export.cli.main import main
 
     out = tmp_path / "p"
+    extra = [] if max_error is None else ["--int8-max-error", str(max_error)]
     rc = main(["prune-and-export", str(tiny_dirs["llama"]), "--target", "cpu", "--sparsity", "0.5", "--int8",
                "--out", str(out), "--calib", str(text_file), "--nsamples", "4", "--seqlen", "64",
                "--eval-data", str(text_file), "--eval-seqlen", "64", "--max-segments", "2",
-               "--runtime", "onnxruntime", "--iterations", "2", "--bench-seqlen", "32", "--threads", "1", "--no-generate"])
+               "--runtime", "onnxruntime", "--iterations", "2", "--bench-seqlen", "32", "--threads", "1", "--no-generate",
+               *extra])
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
     assert report["recipe"]["wbits"] == 8
     assert set(report["verify"]["perplexity"]) == {"dense", "sparse", "int8"}
     assert {r["model"] for r in report["benchmark"]["rows"]} == {"dense", "sparse", "int8"}
-    assert read_meta(out / "onnx-int8")["int8"]["matmul_integer"] == 14
+    q = read_meta(out / "onnx-int8")["int8"]
+    assert q["max_error"] == max_error
+    if max_error:   # a threshold no layer meets: every Linear stays fp32, and the report says why
+        assert q["matmul_integer"] < 14 and "relative squared error" in (out / "report.md").read_text()
+        return
+    assert q["matmul_integer"] == 14
     md = (out / "report.md").read_text()
     assert "int8" in md and "MatMulInteger" in md and "Attention score matmuls (query x key): int8" in md
     assert report["export"]["int8"]["quant"]["attention"] == {

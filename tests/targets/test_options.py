@@ -33,6 +33,7 @@ def test_given_options_land_in_the_object():
     (dict(runtimes=["onnxruntime"]), "--runtime applies to the cpu target only"),
     (dict(generate=False), "--generate applies to the cpu target only"),
     (dict(logits="all"), "--logits applies to the cpu target only"),
+    (dict(int8_max_error=0.003), "--int8-max-error applies to the cpu target only"),
     (dict(prompt_tokens=4), "--prompt-tokens applies to the cpu target only"),
     (dict(pattern="1:4"), "at least 2 zeros in every 4"),
 ])
@@ -43,6 +44,8 @@ def test_gpu_refuses_what_it_does_not_use(given, words):
 
 @pytest.mark.parametrize("given,words", [
     (dict(fp32_attention=True), "--fp32-attention applies to --int8 only"),
+    (dict(int8_max_error=0.003), "--int8-max-error applies to --int8 only"),
+    (dict(int8=True, int8_max_error=0), "--int8-max-error must be > 0"),
     (dict(int8=True, wbits=4), "contradicts"),
     (dict(new_tokens=1), "--new-tokens"),
     (dict(warmup=-1), "--warmup"),
