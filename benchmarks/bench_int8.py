@@ -388,6 +388,10 @@ def graph_main(args, setting, cfg, calib, wiki, work, step):
                        int8_matmuls=q.get("matmul_integer"), eval_wall_s=res["eval_wall_s"])
             step(f"perplexity {v['name']}: {res['perplexity']:.3f} ({res['eval_wall_s']:.0f}s)")
         rows.append(row)
+    timed_only = {r["name"] for r in rows}
+    rows += [{k: earlier[n][k] for k in ("name", "model", "pruned", "recipe_smooth", "perplexity", "fp32_linear",
+                                         "int8_matmuls") if k in earlier[n]}
+             for n in earlier if n not in timed_only]       # a --variants rerun keeps the other measured rows
     ref = next(r["perplexity"] for r in rows if r["name"] == "fp32-sparse")
     for r in rows:
         r["vs_fp32_sparse"] = r["perplexity"] / ref - 1
