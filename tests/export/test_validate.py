@@ -94,3 +94,19 @@ def test_fp32_rounding_widens_the_tolerance_only_as_far_as_it_goes(tiny_dirs):
         validate.compare_fp32(ref + 5 * noise, ref, model, output_of, validate.LOGITS_TOLERANCE, "x")
     # within the plain tolerance, nothing extra is measured
     assert "fp32_noise" not in validate.compare_fp32(ref, ref, model, output_of, validate.LOGITS_TOLERANCE, "x")
+
+
+def test_fp32_tolerance_is_the_fixed_one_unless_rounding_is_larger(tiny_dirs):
+    model, _ = models.load_model(tiny_dirs["llama"])
+    model.float()
+    ids, mask = validate.random_tokens(model.config.vocab_size, 1, 16)
+    ref = validate.reference_output(model, "last", ids, mask)
+    assert validate.fp32_tolerance(model, "last", ids, mask, ref) == validate.LOGITS_TOLERANCE
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(3e4)
+    ref = validate.reference_output(model, "last", ids, mask)
+    exact = validate._output64(copy.deepcopy(model).double(), "last", ids, mask)
+    noise = float(np.abs(ref.astype(np.float64) - exact).max())
+    assert validate.fp32_tolerance(model, "last", ids, mask, ref) == pytest.approx(
+        max(validate.LOGITS_TOLERANCE, validate.FP32_NOISE_FACTOR * noise))
+    assert noise * validate.FP32_NOISE_FACTOR > validate.LOGITS_TOLERANCE
