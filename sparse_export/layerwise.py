@@ -60,6 +60,19 @@ def layer_out(out) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def run_layer(layer, hidden, kwargs: list, device, out=None) -> object:
+    """`layer` over every chunk of `hidden` (each sent to `device` with its kwargs); the outputs, on the host,
+    go to `out` (a store) when given and it is returned, else they are returned as a list."""
+    results = []
+    for i, kw in enumerate(kwargs):
+        h = layer_out(layer(to_device(hidden[i], device), **to_device(kw, device))).to("cpu")
+        if out is None:
+            results.append(h)
+        else:
+            out[i] = h
+    return results if out is None else out
+
+
 @torch.no_grad()
 def capture_first_layer_inputs(model, ids: torch.Tensor, batch: int, sink=None) -> tuple[list, list]:
     """Hidden states entering decoder layer 0 (all samples) and its keyword arguments per chunk.

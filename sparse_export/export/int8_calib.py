@@ -48,19 +48,23 @@ def activation_ranges(model, windows: torch.Tensor, names: list[str], batch: int
             stats[name].append(last[1])
         return fn
 
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
-    try:
-        for s in range(0, windows.shape[0], batch):
-            model(input_ids=windows[s:s + batch], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_windows(model, windows, batch, [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names])
     out = {}
     for n, v in stats.items():
         t = torch.tensor(v)
         out[n] = {"min": float(t[:, 0].min()), "max": float(t[:, 1].max()),
                   "lo": float(t[:, 2].mean()), "hi": float(t[:, 3].mean())}
     return out
+
+
+def _run_windows(model, windows: torch.Tensor, batch: int, handles: list) -> None:
+    """The calibration windows through `model`, `batch` at a time, with the hooks `handles`; removes them."""
+    try:
+        for s in range(0, windows.shape[0], batch):
+            model(input_ids=windows[s:s + batch], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()
@@ -80,13 +84,7 @@ def input_quant_errors(model, windows: torch.Tensor, qparams: dict, batch: int =
             sums[name][1] += float((y.float() ** 2).sum())
         return fn
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in qparams]
-    try:
-        for s in range(0, windows.shape[0], batch):
-            model(input_ids=windows[s:s + batch], use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_windows(model, windows, batch, [model.get_submodule(n).register_forward_hook(hook(n)) for n in qparams])
     return {n: e / max(t, 1e-30) for n, (e, t) in sums.items()}
 
 

@@ -29,11 +29,10 @@ from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out
 from ..outputs import META_FILE, Timer, atomic_dir, library_versions, peak_rss_gib, read_meta, write_json
 from .graph import LOGITS, ONNX_FILE, OPSET, source_fields, sparsity_summary
 from .graph import weight_sparsity
-from .kv_layout import KV_INPUTS, cache_names, empty_cache, keep_last, step_feed
 from .layer_graph import Template, io_for_layers, layer_nodes
 from .stream_trace import full_name, homogeneous, trace_template
-from .validate import CHECK_BATCH, CHECK_TOKENS, compare, int8_tolerance, onnxruntime_session, reference_output
-from .validate import validate_plain
+from .validate import (CHECK_BATCH, CHECK_TOKENS, LOGITS_TOLERANCE, compare, int8_tolerance, kv_graph_logits,
+                       reference_output, validate_plain)
 
 EXPORT_BUDGET = 8 * 2**30     # bytes the in-memory export may use; larger models stream by default
 IN_MEMORY_FACTOR = 4.5        # in-memory export peak / fp32 weight bytes (measured 4.2: docs/export-at-scale.md)
@@ -326,19 +325,9 @@ def _detached(messages) -> list:
 def _check_kv(path, ref: np.ndarray, ids: np.ndarray, n_layers: int, kv: int, d: int, max_length: int) -> dict:
     """validate.validate_kv for a graph of n_layers: prompt, then one decode step, against `ref`."""
     n = ids.shape[1] - 1
-    past = cache_names(n_layers, "past_key_values")
-    session = onnxruntime_session(path)
-
-    def step(tokens, processed, cache):
-        feed = step_feed(tokens, processed, max_length)
-        out = session.run(None, {**{k: feed[k] for k in KV_INPUTS}, **dict(zip(past, cache))})
-        return out[0], out[1:]
-
-    prompt, cache = step(ids[:, :n], 0, empty_cache(n_layers, 1, kv, max_length - n, d))
-    decode, _ = step(ids[:, n:], n, keep_last(cache, max_length - 1))
-    got = np.concatenate([prompt, decode], axis=1)
+    got = kv_graph_logits(path, ids, n_layers, kv, d, max_length)
     return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
-            **compare(got, ref, 1e-3, "the exported KV-cache graph on ONNX Runtime")}
+            **compare(got, ref, LOGITS_TOLERANCE, "the exported KV-cache graph on ONNX Runtime")}
 
 
 def _save_files(model, tokenizer, src, dst, kind: str) -> None:

@@ -62,16 +62,21 @@ def compare_fp32(got: np.ndarray, reference: np.ndarray, model, output_of: Calla
     try:
         return compare(got, reference, tolerance, what)
     except UserError:
-        exact = output_of(copy.deepcopy(model).double())
-        noise = float(np.abs(reference.astype(np.float64) - exact).max())
+        noise = fp32_noise(model, output_of, reference)
         return {**compare(got, reference, max(tolerance, FP32_NOISE_FACTOR * noise), what), "fp32_noise": noise}
+
+
+def fp32_noise(model, output_of: Callable, reference: np.ndarray) -> float:
+    """max |reference - output_of(a float64 copy of model)|: how far the model's fp32 output is from exact."""
+    exact = output_of(copy.deepcopy(model).double())
+    return float(np.abs(reference.astype(np.float64) - exact).max())
 
 
 def fp32_tolerance(model, logits: str, ids: np.ndarray, mask: np.ndarray, reference: np.ndarray) -> float:
     """The tolerance for engines on `model`'s fp32 graph over these inputs: LOGITS_TOLERANCE, or
     FP32_NOISE_FACTOR x torch's own fp32 rounding there when that is larger (see compare_fp32)."""
-    exact = _output64(copy.deepcopy(model).double(), logits, ids, mask)
-    return max(LOGITS_TOLERANCE, FP32_NOISE_FACTOR * float(np.abs(reference.astype(np.float64) - exact).max()))
+    noise = fp32_noise(model, lambda m: _output64(m, logits, ids, mask), reference)
+    return max(LOGITS_TOLERANCE, FP32_NOISE_FACTOR * noise)
 
 
 def agreement(rows: list[dict], reference: dict, tolerance: float = LOGITS_TOLERANCE) -> list[dict]:
@@ -116,12 +121,21 @@ def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOL
     cache it returned; both against the full-sequence torch logits of the same tokens."""
     n = max(1, min(CHECK_TOKENS, max_length - 1))
     ids = random_tokens(model.config.vocab_size, 1, n + 1)[0]
+
     def logits_of(m):
         with torch.inference_mode():
             return m(input_ids=torch.from_numpy(ids), use_cache=False).logits.double().numpy()
 
     ref = logits_of(model).astype(np.float32)
-    layers, kv, d = cache_spec(model)
+    got = kv_graph_logits(onnx_file, ids, *cache_spec(model), max_length)
+    return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
+            **compare_fp32(got, ref, model, logits_of, tolerance, "the exported KV-cache graph on ONNX Runtime")}
+
+
+def kv_graph_logits(onnx_file, ids: np.ndarray, layers: int, kv: int, d: int, max_length: int) -> np.ndarray:
+    """A KV-cache graph on ONNX Runtime: ids[:, :-1] as a prompt with an empty cache, then the last id as one
+    decode step with the cache the prompt returned. Returns the logits of both, concatenated on positions."""
+    n = ids.shape[1] - 1
     past_names = cache_names(layers, "past_key_values")
     session = onnxruntime_session(onnx_file)
 
@@ -132,6 +146,4 @@ def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOL
 
     prompt, cache = step(ids[:, :n], 0, empty_cache(layers, 1, kv, max_length - n, d))
     decode, _ = step(ids[:, n:], n, keep_last(cache, max_length - 1))
-    got = np.concatenate([prompt, decode], axis=1)
-    return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
-            **compare_fp32(got, ref, model, logits_of, tolerance, "the exported KV-cache graph on ONNX Runtime")}
+    return np.concatenate([prompt, decode], axis=1)

@@ -15,7 +15,7 @@ from dataclasses import replace
 import torch
 
 from .. import archs, models
-from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, to_device
+from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, run_layer, to_device
 from ..outputs import Timer, library_versions, peak_rss_gib
 from .grid import QUANT_HEADROOM, grid_info, make_quantizer
 from .owl import layer_outlier_ratio, owl_record
@@ -206,14 +206,7 @@ def _layer_two_pass(layer, mods, hidden, kwargs, recipe, stats, device=None, out
         # the factor SparseGPT would compute itself, computed here to time it apart from the sweep
         factor = _factor(H, recipe, clock) if recipe.pruner.shares_factor else None
         _prune_names(mods, names, H, recipe, stats, factor, clock)
-    results = []
-    for i, kw in enumerate(kwargs):
-        h = layer_out(layer(to_device(hidden[i], device), **to_device(kw, device))).to("cpu")
-        if out is None:
-            results.append(h)
-        else:
-            out[i] = h
-    return results if out is None else out
+    return run_layer(layer, hidden, kwargs, device, out)
 
 
 def layer_modules(model, i: int, targets) -> dict:

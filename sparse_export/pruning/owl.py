@@ -9,7 +9,7 @@ by the streamed one (which reads each layer from its shards for this pass too).
 import torch
 
 from .. import models
-from ..layerwise import layer_out, to_device
+from ..layerwise import run_layer
 from .allocation import owl_sparsities, weighted_mean
 
 
@@ -49,21 +49,15 @@ def layer_outlier_ratio(layer, mods: dict, hidden, kwargs: list, threshold: floa
 
     layer.to(device)
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
-    results = []
     try:
-        for i, kw in enumerate(kwargs):
-            h = layer_out(layer(to_device(hidden[i], device), **to_device(kw, device))).to("cpu")
-            if out is None:
-                results.append(h)
-            else:
-                out[i] = h
+        results = run_layer(layer, hidden, kwargs, device, out)
     finally:
         for h in handles:
             h.remove()
     names = [n for n in mods if n in sq]
     ratio = outlier_fraction([models.weight_2d(mods[n]) for n in names], [sq[n] for n in names], threshold)
     count = sum(models.weight_2d(m).numel() for m in mods.values())
-    return (results if out is None else out), ratio, count
+    return results, ratio, count
 
 
 def owl_record(recipe, ratios: list[float], counts: list[int]) -> dict:

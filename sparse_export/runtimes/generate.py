@@ -190,6 +190,19 @@ class TextStream:
         return piece
 
 
+def text_sink(tokenizer, prompt_ids, write: Callable | None = None) -> tuple[Callable, list]:
+    """(on_token, pieces): on_token(id) turns each generated id into text (TextStream), keeps the piece in
+    `pieces` and passes it to write(piece) when given."""
+    stream, pieces = TextStream(tokenizer, prompt_ids), []
+
+    def on_token(tok):
+        piece = stream.push(tok)
+        pieces.append(piece)
+        if write and piece:
+            write(piece)
+    return on_token, pieces
+
+
 def generate_text(folder, prompt: str, max_new_tokens: int = 64, runtime: str = "deepsparse",
                   temperature: float | None = None, seed: int = 0, threads: int | None = None,
                   write: Callable | None = None) -> tuple[str, dict]:
@@ -200,13 +213,7 @@ def generate_text(folder, prompt: str, max_new_tokens: int = 64, runtime: str = 
     if len(prompt_ids) > session.max_length:  # fail before compiling anything
         raise UserError(f"the prompt is {len(prompt_ids)} tokens, longer than the exported --max-length "
                         f"{session.max_length}; shorten it or re-export with a larger --max-length")
-    stream, pieces = TextStream(tokenizer, prompt_ids), []
-
-    def on_token(tok):
-        piece = stream.push(tok)
-        pieces.append(piece)
-        if write and piece:
-            write(piece)
+    on_token, pieces = text_sink(tokenizer, prompt_ids, write)
 
     if runtime == "deepsparse":  # compile both shapes before timing
         session.engine(len(prompt_ids))

@@ -19,7 +19,7 @@ import torch
 from ... import models
 from ...errors import UserError
 from ..base import Runtime
-from ..generate import TextStream, eos_ids, generate_ids
+from ..generate import eos_ids, generate_ids, text_sink
 from .decoder import LeanDecoder, lean_groups, lean_supported
 from .model import Int8Linear, load_int8_model
 
@@ -136,13 +136,7 @@ def generate_folder_text(folder, prompt: str, max_new_tokens: int = 64, runtime:
     session = DecodeSession(folder, runtime, threads)
     tokenizer = session.tokenizer
     prompt_ids = tokenizer(prompt)["input_ids"]
-    stream, pieces = TextStream(tokenizer, prompt_ids), []
-
-    def on_token(tok):
-        piece = stream.push(tok)
-        pieces.append(piece)
-        if write and piece:
-            write(piece)
+    on_token, pieces = text_sink(tokenizer, prompt_ids, write)
 
     kind, where = models.resolve(folder)
     eos = eos_ids(where, tokenizer) if kind == "folder" else {tokenizer.eos_token_id} - {None}
