@@ -181,11 +181,27 @@ def _variants(folders: dict, fp32: bool) -> list[tuple[str, str, str]]:
     return out
 
 
-def _fits_fp32(folder, budget_gib):
+def _params(folder) -> tuple[int, int]:
+    """(decoder matrix weights, vocabulary x hidden) from the config (q/k/v/o as full h x h: an upper bound)."""
     cfg = models.read_config(folder)
     h, layers = cfg["hidden_size"], cfg["num_hidden_layers"]
-    params = cfg["vocab_size"] * h * 2 + layers * (4 * h * h + 3 * h * cfg["intermediate_size"])
-    return 4 * params / 2**30 < budget_gib
+    return layers * (4 * h * h + 3 * h * cfg["intermediate_size"]), cfg["vocab_size"] * h
+
+
+def _fits_fp32(folder, budget_gib):
+    decoder, vocab = _params(folder)
+    return 4 * (decoder + 2 * vocab) / 2**30 < budget_gib
+
+
+def _resident_gib(runtime, folder):
+    """What a loaded session holds: float32 matrices for torch-fp32; else int8 matrices (nonzeros + a 1-bit
+    mask for a sparse folder), an int8 head and the float32 embeddings."""
+    decoder, vocab = _params(folder)
+    if runtime == "torch-fp32":
+        return 4 * (decoder + 2 * vocab) / 2**30
+    s = read_meta(folder).get("pruned_sparsity") or 0.0
+    per_weight = 1.0 if runtime == "sparse-cpu-dense" or s < 0.2 else 1 - s + 1 / 8
+    return (decoder * per_weight + 5 * vocab) / 2**30
 
 
 def decode(args):
@@ -198,7 +214,7 @@ def decode(args):
     stream = {t: stream_bandwidth(t, args.stream_gib) for t in args.threads}
     vocab = models.read_config(next(iter(folders.values())))["vocab_size"]
     prompt = np.random.default_rng(0).integers(10, vocab, args.prompt_tokens).tolist()
-    together = sum(_folder_gib(f) for _, _, f in variants) < args.max_resident_gib
+    together = sum(_resident_gib(r, f) for _, r, f in variants) < args.max_resident_gib
     groups = [variants] if together else [[v] for v in variants]
     rows, before = [], machine.snapshot()
     for group in groups:
@@ -235,10 +251,6 @@ def decode(args):
     _save(args.name, {"mode": "decode", "config": {**_config(args), "folders": folders},
                       "stream_bandwidth": stream, "rows": rows, "trust": trust}, table(rows, cols),
           f"decode at a {args.prompt_tokens}-token context, batch 1, {args.new_tokens} new tokens per run")
-
-
-def _folder_gib(folder):
-    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors")) / 2**30
 
 
 def _generate(session, prompt, new_tokens):
@@ -407,7 +419,7 @@ def main():
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--no-fp32", action="store_true", help="skip the float32 torch row")
     p.add_argument("--max-resident-gib", type=float, default=8.0,
-                   help="load models side by side below this many GiB of folders (else one at a time); "
+                   help="load models side by side when their loaded weights total less (else one at a time); "
                         "the fp32 row only when its weights fit")
     p.add_argument("--stream-gib", type=float, default=1.0)
     p.add_argument("--ppl-windows", type=int, default=0, help="WikiText-2 perplexity over this many windows")

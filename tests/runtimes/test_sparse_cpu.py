@@ -2,6 +2,7 @@
 arithmetic (both code paths), and the runtime against the fake-quantized torch model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -239,7 +240,8 @@ def test_generation_is_greedy_equal_to_the_fake_quantized_model(arch, lively, tm
     prune(lively[arch], pruned, Recipe(method="magnitude", sparsity=0.7), log=lambda *_: None)
     prompt = list(range(5, 25))
     for folder in (lively[arch], pruned):
-        runtime, ref = _session(folder, "sparse-cpu"), _session(folder, "fake-quant")
+        # the torch decode loop (native=False): the same float operations as the reference, bit for bit
+        runtime, ref = _session(folder, "sparse-cpu", native=False), _session(folder, "fake-quant")
         (a, cache_a), (r, cache_r) = runtime.run([prompt], 0), ref.run([prompt], 0)
         assert np.array_equal(a, r)
         tok = int(np.argmax(a[0, -1]))
@@ -250,6 +252,56 @@ def test_generation_is_greedy_equal_to_the_fake_quantized_model(arch, lively, tm
         assert tokens == _greedy(ref, prompt, 12)
         if arch != "bloom":  # the tiny random bloom repeats one token whatever its weights
             assert len(set(tokens)) > 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+def test_native_step_equals_the_torch_loop(arch, lively, tmp_path):
+    """The one-token step in C++ (norms, rotary, attention over the cache, SiLU gate, residuals around the
+    kernel) against the torch loop on the same packed matrices: the same logits up to float order (an
+    activation that rounds to the other side of an int8 step can move them a little more), the same greedy
+    tokens, on a dense and a 70% sparse folder, with the cache grown past its first capacity and on
+    both kernel paths."""
+    from sparse_export.pruning.jobs import prune
+    from sparse_export.pruning.recipe import Recipe
+    from sparse_export.runtimes.sparse_cpu.decoder import LeanCache
+
+    pruned = tmp_path / "mag"
+    prune(lively[arch], pruned, Recipe(method="magnitude", sparsity=0.7), log=lambda *_: None)
+    prompt = list(range(7, 37))
+    for folder in (lively[arch], pruned):
+        for path in [p for p in ("scalar", "avx512") if p == "scalar" or K.has_avx512()]:
+            native, plain = _session(folder, "sparse-cpu", path=path), _session(folder, "sparse-cpu", path=path,
+                                                                               native=False)
+            assert native.decoder.native and not plain.decoder.native
+            cache_n, cache_p = LeanCache(*_cache_dims(native), capacity=32), LeanCache(*_cache_dims(plain), capacity=32)
+            a, cache_n = native.run([prompt], 0, cache_n)
+            b, cache_p = plain.run([prompt], 0, cache_p)
+            assert np.array_equal(a, b)                           # a prompt runs the torch loop in both
+            n, worst = len(prompt), 0.0
+            for _ in range(10):                                   # 30 + 10 tokens: the cache doubles once
+                tok = int(np.argmax(b[0, -1]))
+                (a, cache_n), (b, cache_p) = native.run([[tok]], n, cache_n), plain.run([[tok]], n, cache_p)
+                worst = max(worst, float(np.abs(a - b).max() / np.abs(b).max()))
+                assert int(np.argmax(a[0, -1])) == int(np.argmax(b[0, -1]))
+                n += 1
+            assert cache_n.capacity == 64 and worst < 1e-3
+            for i in range(len(cache_n.k)):                       # the C++ step wrote the same keys and values
+                assert torch.allclose(cache_n.k[i][:, :, :n], cache_p.k[i][:, :, :n], atol=1e-3, rtol=1e-3)
+                assert torch.allclose(cache_n.v[i][:, :, :n], cache_p.v[i][:, :, :n], atol=1e-3, rtol=1e-3)
+    assert _greedy(native, prompt, 12) == _greedy(plain, prompt, 12)
+
+
+def _cache_dims(session):
+    d = session.decoder
+    return len(d.layers), d.KV, d.D
+
+
+def test_native_step_declines_what_it_does_not_compute(pruned):
+    """Reference modules (torch matmuls), and a layer that is not the plain Llama form, keep the torch loop."""
+    assert not _session(pruned[0.6], "fake-quant").decoder.native
+    s = _session(pruned[0.6], "sparse-cpu")
+    s.model.config.hidden_act = "gelu"
+    assert not s.decoder._native_supported()
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
@@ -307,3 +359,45 @@ def test_cli_generate_and_benchmark(pruned, tmp_path, capsys):
     assert by["sparse-cpu", "model"]["weight_bytes"]["read"] < by["sparse-cpu-dense", "model"]["weight_bytes"]["read"]
     assert by["sparse-cpu", "model"]["sparsity"] == pytest.approx(0.6, abs=0.02)
     assert main(["generate", str(tmp_path / "missing"), "x", "--runtime", "sparse-cpu"]) != 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streamed_load_equals_the_whole_model_load(arch, lively, pruned, tmp_path):
+    """Reading the matrices from the shards group by group (what an 8B model needs) packs the same bytes
+    and gives the same logits as loading the whole checkpoint first: on every architecture, on a bf16
+    checkpoint split over several shards, and on a --wbits 8 folder (its recorded grid read back exactly)."""
+    from transformers import AutoModelForCausalLM
+
+    sharded = tmp_path / "sharded"
+    AutoModelForCausalLM.from_pretrained(lively[arch], dtype=torch.bfloat16).save_pretrained(
+        sharded, max_shard_size="200KB")
+    for f in lively[arch].glob("tokenizer*"):
+        shutil.copy(f, sharded)
+    assert len(list(sharded.glob("*.safetensors"))) > 1
+    folders = [lively[arch], sharded] + ([pruned[0.6]] if arch == "llama" else [])
+    prompt = list(range(5, 30))
+    for folder in folders:
+        whole = _session(folder, "sparse-cpu", stream=False)
+        streamed = _session(folder, "sparse-cpu", stream=True)
+        assert streamed.summary["streamed"] and not whole.summary["streamed"]
+        assert streamed.summary["bytes"] == whole.summary["bytes"]
+        assert streamed.summary["layers"] == whole.summary["layers"]
+        assert streamed.summary["exact_grid"] == whole.summary["exact_grid"]
+        (a, cache_a), (b, cache_b) = streamed.run([prompt], 0), whole.run([prompt], 0)
+        assert np.array_equal(a, b)
+        tok = int(np.argmax(a[0, -1]))
+        assert np.array_equal(streamed.run([[tok]], len(prompt), cache_a)[0], whole.run([[tok]], len(prompt), cache_b)[0])
+
+
+def test_streamed_load_refuses_what_it_cannot_stream(lively, tmp_path):
+    with pytest.raises(UserError, match="safetensors folder"):
+        _session("smollm2", "sparse-cpu", stream=True)   # a GGUF file
+    broken = tmp_path / "broken"
+    shutil.copytree(lively["llama"], broken)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(broken / "model.safetensors")
+    del tensors[next(k for k in tensors if k.endswith("mlp.down_proj.weight"))]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="down_proj"):
+        _session(broken, "sparse-cpu", stream=True)

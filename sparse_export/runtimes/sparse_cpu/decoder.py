@@ -17,6 +17,8 @@ import torch.nn.functional as F
 
 from ... import archs
 from ...attention import heads, rotary
+from .kernel import NativeStep
+from .model import Int8Linear
 
 LEAN_ARCHS = ("llama", "mistral", "qwen2")
 
@@ -59,9 +61,14 @@ class LeanCache:
 
 class LeanDecoder:
     """One forward step over n new tokens with a LeanCache: (ids [1, n], cache) -> logits [1, 1, vocab] of
-    the last token. `fused`: {tuple(names): module} from model.convert(fuse=lean_groups(model))."""
+    the last token. `fused`: {tuple(names): module} from model.convert(fuse=lean_groups(model)).
 
-    def __init__(self, model, fused: dict):
+    native: a one-token step runs whole in C++ (kernel.NativeStep: one call per token instead of ~20 torch
+    ops per layer) when every matrix is on the kernel and the layers are the plain Llama form (RMSNorm,
+    SiLU gate, full rotary); prompts, and models that are not, run the torch loop below. The two compute
+    the same operations in a different float order: logits agree to ~1e-6 of their range."""
+
+    def __init__(self, model, fused: dict, native: bool = True):
         self.model, self.arch = model, archs.arch_of(model)
         cfg = model.config
         self.H, self.KV, self.D = self.arch.cache_shape(cfg)
@@ -76,6 +83,34 @@ class LeanDecoder:
         self.inner = self.arch.inner_size(cfg)
         self.head = by_first["lm_head"]
         self.window = self.arch.sliding_window(cfg)
+        self.native = native and self._native_supported()
+
+    def _native_supported(self) -> bool:
+        cfg = self.model.config
+        mats = [m for layer in self.layers for m in (layer[1], layer[2], layer[4], layer[5])] + [self.head]
+        norms = [n for layer in self.layers for n in (layer[0], layer[3])] + [self.model.model.norm]
+        _, _, rot, partial = self.arch.rope(self.model, torch.zeros(1, 1, dtype=torch.long))
+        return (all(isinstance(m, Int8Linear) for m in mats) and getattr(cfg, "hidden_act", None) == "silu"
+                and all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon")
+                        and getattr(n, "bias", None) is None for n in norms)
+                and len({n.variance_epsilon for n in norms}) == 1 and not partial and self.H % self.KV == 0
+                and len({layer[7] for layer in self.layers}) == 1)
+
+    def _native_step(self, cache: "LeanCache") -> NativeStep:
+        """The C++ step bound to this cache's tensors (rebuilt when the cache grows)."""
+        key = (cache.capacity, cache.k[0].data_ptr())
+        if getattr(cache, "native", (None,))[0] != key:
+            if not all(t.is_contiguous() for t in cache.k + cache.v):   # C++ reads [kv_heads][capacity][dim]
+                cache.k, cache.v = [t.contiguous() for t in cache.k], [t.contiguous() for t in cache.v]
+                key = (cache.capacity, cache.k[0].data_ptr())
+            w = (lambda n: n.weight.detach().float().contiguous())
+            layers = [(w(n1), w(n2), qkv.kernel, o.kernel, gu.kernel, down.kernel, cache.k[i], cache.v[i])
+                      for i, (n1, qkv, o, n2, gu, down, _, _) in enumerate(self.layers)]
+            dims = {"hidden": self.model.config.hidden_size, "heads": self.H, "kv_heads": self.KV,
+                    "head_dim": self.D, "inner": self.inner, "capacity": cache.capacity,
+                    "eps": float(self.layers[0][0].variance_epsilon), "scaling": float(self.layers[0][7])}
+            cache.native = (key, NativeStep(layers, w(self.model.model.norm), self.head.kernel, dims))
+        return cache.native[1]
 
     def new_cache(self) -> LeanCache:
         return LeanCache(len(self.layers), self.KV, self.D)
@@ -89,6 +124,12 @@ class LeanDecoder:
         pos = torch.arange(p0, total)[None]
         h = self.model.model.embed_tokens(ids)
         cos, sin, rot, partial = self.arch.rope(self.model, pos)
+        if self.native and n == 1:
+            step = self._native_step(cache)
+            logits = step(h.reshape(-1).float().contiguous(), p0, cos.reshape(-1).contiguous(),
+                          sin.reshape(-1).contiguous(), self.head.threads, self.head.path)
+            cache.length = total
+            return logits.view(1, 1, -1)
         # n == 1 sees every cached position; a prompt needs the causal mask (offset by p0)
         mask = None if n == 1 else torch.ones(n, total, dtype=torch.bool).tril(p0)
         H, KV, D = self.H, self.KV, self.D

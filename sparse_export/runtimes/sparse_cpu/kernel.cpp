@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -458,6 +459,159 @@ struct ReadJob {  // part t of `threads` equal parts (multiples of 256 bytes; th
   }
 };
 
+// The layer applied to n rows of x: quantize each row, then the integer matmul.
+int apply(const Layer& L, const float* x, int64_t n, float* y, int32_t* ints, int threads, bool fast) {
+  int64_t stride = 64 * L.words;
+  uint8_t* q = (uint8_t*)std::aligned_alloc(64, n * stride);
+  float* scale = (float*)std::malloc(n * sizeof(float));
+  int32_t* zp = (int32_t*)std::malloc(n * sizeof(int32_t));
+  if (!q || !scale || !zp) {
+    std::free(q), std::free(scale), std::free(zp);
+    return -2;
+  }
+  QuantizeJob qj{x, L.in, stride, q, scale, zp, fast};
+  pool().run(n > 8 ? threads : 1, n, &QuantizeJob::chunk, &qj);
+  Acts a{q, stride, scale, zp};
+  if (L.mask)
+    linear<false>(L, a, n, y, ints, threads, fast);
+  else
+    linear<true>(L, a, n, y, ints, threads, fast);
+  std::free(q), std::free(scale), std::free(zp);
+  return 0;
+}
+
+// ---- a whole decode step for the Llama family (kernel.py's StepModel mirrors these structs)
+
+struct StepLayer {
+  const float* norm1;      // input RMSNorm weight [hidden]
+  const float* norm2;      // post-attention RMSNorm weight [hidden]
+  const Layer* qkv;        // q, k, v rows stacked
+  const Layer* o;
+  const Layer* gate_up;    // gate, up rows stacked
+  const Layer* down;
+  float* k_cache;          // [kv_heads][capacity][head_dim]
+  float* v_cache;
+};
+
+struct StepModel {
+  int64_t layers, hidden, heads, kv_heads, head_dim, inner, capacity, vocab;
+  float eps, scaling;
+  const StepLayer* layer;
+  const float* final_norm;
+  const Layer* head;
+};
+
+// y = x / sqrt(mean(x^2) + eps) * w, in the order transformers' LlamaRMSNorm computes it
+void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
+  float ss = 0.f;
+  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+  float r = 1.f / std::sqrt(ss / (float)n + eps);
+  for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// x [d] rotated in place: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2])
+void rotate(float* x, const float* cos, const float* sin, int64_t d) {
+  int64_t half = d / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    float a = x[i], b = x[i + half];
+    x[i] = a * cos[i] - b * sin[i];
+    x[i + half] = b * cos[i + half] + a * sin[i + half];
+  }
+}
+
+// sum of a[j] * b[j] with 16 independent partial sums (the compiler vectorizes it without reordering
+// one chain of additions)
+inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[j + l] * b[j + l];
+  float s = 0.f;
+  for (int l = 0; l < 16; ++l) s += part[l];
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// Attention of the new token (queries q [heads][head_dim]) over the `total` cached positions of each
+// query head's KV head; p: scratch [total]; out [heads][head_dim].
+inline __attribute__((always_inline)) void attend_body(const StepModel& M, const StepLayer& S, const float* q,
+                                                       int64_t total, float* p, float* out) {
+  const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim;
+  for (int64_t i = 0; i < H; ++i) {
+    const int64_t g = i / (H / KV);
+    const float* kc = S.k_cache + g * M.capacity * D;
+    const float* vc = S.v_cache + g * M.capacity * D;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < total; ++t) {
+      p[t] = dot(q + i * D, kc + t * D, D) * M.scaling;
+      top = std::max(top, p[t]);
+    }
+    float sum = 0.f;
+    for (int64_t t = 0; t < total; ++t) sum += (p[t] = std::exp(p[t] - top));
+    float* o = out + i * D;
+    std::fill(o, o + D, 0.f);
+    for (int64_t t = 0; t < total; ++t) {
+      float w = p[t] / sum;
+      for (int64_t j = 0; j < D; ++j) o[j] += w * vc[t * D + j];
+    }
+  }
+}
+
+__attribute__((target(FAST_TARGET))) void attend_fast(const StepModel& M, const StepLayer& S, const float* q,
+                                                      int64_t total, float* p, float* out) {
+  attend_body(M, S, q, total, p, out);
+}
+
+void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_t total, float* p, float* out) {
+  attend_body(M, S, q, total, p, out);
+}
+
+int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, const float* sin, float* logits,
+                int threads, bool fast, double* kernel_s) {
+  const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim, total = pos + 1;
+  std::vector<float> x(M.hidden), qkv((H + 2 * KV) * D), att(H * D), y(M.hidden), gu(2 * M.inner),
+      act(M.inner), p(total);
+  double spent = 0;
+  auto mm = [&](const Layer* L, const float* in, float* out) {
+    auto t = std::chrono::steady_clock::now();
+    int rc = apply(*L, in, 1, out, nullptr, threads, fast);
+    spent += std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+    return rc;
+  };
+  for (int64_t l = 0; l < M.layers; ++l) {
+    const StepLayer& S = M.layer[l];
+    rms_norm(h, S.norm1, M.hidden, M.eps, x.data());
+    if (mm(S.qkv, x.data(), qkv.data())) return -2;
+    float* q = qkv.data();
+    float* k = q + H * D;
+    float* v = k + KV * D;
+    for (int64_t i = 0; i < H; ++i) rotate(q + i * D, cos, sin, D);
+    for (int64_t g = 0; g < KV; ++g) {
+      rotate(k + g * D, cos, sin, D);
+      std::memcpy(S.k_cache + (g * M.capacity + pos) * D, k + g * D, D * sizeof(float));
+      std::memcpy(S.v_cache + (g * M.capacity + pos) * D, v + g * D, D * sizeof(float));
+    }
+    if (fast)
+      attend_fast(M, S, q, total, p.data(), att.data());
+    else
+      attend_plain(M, S, q, total, p.data(), att.data());
+    if (mm(S.o, att.data(), y.data())) return -2;
+    for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
+    rms_norm(h, S.norm2, M.hidden, M.eps, x.data());
+    if (mm(S.gate_up, x.data(), gu.data())) return -2;
+    for (int64_t i = 0; i < M.inner; ++i) {
+      float g = gu[i];
+      act[i] = g / (1.f + std::exp(-g)) * gu[M.inner + i];  // silu(gate) * up
+    }
+    if (mm(S.down, act.data(), y.data())) return -2;
+    for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
+  }
+  rms_norm(h, M.final_norm, M.hidden, M.eps, x.data());
+  if (mm(M.head, x.data(), logits)) return -2;
+  if (kernel_s) *kernel_s += spent;
+  return 0;
+}
+
 const bool HAS_FAST = cpu_has_fast();
 
 }  // namespace
@@ -465,7 +619,7 @@ const bool HAS_FAST = cpu_has_fast();
 extern "C" {
 
 // Bumped whenever the Layer struct or a signature changes: kernel.py refuses a stale build.
-int sc_abi_version(void) { return 4; }
+int sc_abi_version(void) { return 5; }
 
 // 1 when the AVX-512 VBMI2 + VNNI path can run on this CPU.
 int sc_has_fast(void) { return HAS_FAST ? 1 : 0; }
@@ -490,24 +644,18 @@ int sc_quantize(const float* x, int64_t n, int64_t k, int64_t stride, uint8_t* q
 int sc_linear(const Layer* L, const float* x, int64_t n, float* y, int32_t* ints, int threads, int path) {
   bool fast = path == 2 || (path == 0 && HAS_FAST);
   if (fast && !HAS_FAST) return -1;
-  if (threads < 1) threads = 1;
-  int64_t stride = 64 * L->words;
-  uint8_t* q = (uint8_t*)std::aligned_alloc(64, n * stride);
-  float* scale = (float*)std::malloc(n * sizeof(float));
-  int32_t* zp = (int32_t*)std::malloc(n * sizeof(int32_t));
-  if (!q || !scale || !zp) {
-    std::free(q), std::free(scale), std::free(zp);
-    return -2;
-  }
-  QuantizeJob qj{x, L->in, stride, q, scale, zp, fast};
-  pool().run(n > 8 ? threads : 1, n, &QuantizeJob::chunk, &qj);
-  Acts a{q, stride, scale, zp};
-  if (L->mask)
-    linear<false>(*L, a, n, y, ints, threads, fast);
-  else
-    linear<true>(*L, a, n, y, ints, threads, fast);
-  std::free(q), std::free(scale), std::free(zp);
-  return 0;
+  return apply(*L, x, n, y, ints, threads < 1 ? 1 : threads, fast);
+}
+
+// One decode step of a Llama-family model (one token) after `pos` cached tokens: h [hidden] holds the
+// token's embedding on entry; its key and value are written at `pos` of each layer's cache; logits
+// [vocab] out. cos, sin: the rotary tables of position `pos` [head_dim]. kernel_s (or null) accumulates
+// the seconds spent in the int8 matmuls. Returns 0, -1 (fast path asked for and absent), -2 (memory).
+int sc_decode_step(const StepModel* M, float* h, int64_t pos, const float* cos, const float* sin, float* logits,
+                   int threads, int path, double* kernel_s) {
+  bool fast = path == 2 || (path == 0 && HAS_FAST);
+  if (fast && !HAS_FAST) return -1;
+  return decode_step(*M, h, pos, cos, sin, logits, threads < 1 ? 1 : threads, fast, kernel_s);
 }
 
 // Read `bytes` bytes once with `threads` threads (a streaming-read bandwidth probe); returns a checksum.

@@ -16,7 +16,7 @@ import torch
 from ...errors import UserError
 from .packed import PackedLinear
 
-ABI_VERSION = 4   # kernel.cpp's sc_abi_version(): a library built from another source is refused
+ABI_VERSION = 5   # kernel.cpp's sc_abi_version(): a library built from another source is refused
 PATHS = {"auto": 0, "scalar": 1, "avx512": 2}
 PATH_ENV = "SPARSE_EXPORT_CPU_KERNEL"
 _MODULE = "sparse_export.runtimes.sparse_cpu._kernel"
@@ -27,6 +27,22 @@ class _Layer(ctypes.Structure):
     _fields_ = [("out", ctypes.c_int64), ("in_", ctypes.c_int64), ("words", ctypes.c_int64),
                 ("mask", ctypes.c_void_p), ("values", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
                 ("rowsum", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+
+
+class _StepLayer(ctypes.Structure):
+    """kernel.cpp's struct StepLayer: one decoder layer of the native decode step."""
+    _fields_ = [("norm1", ctypes.c_void_p), ("norm2", ctypes.c_void_p), ("qkv", ctypes.c_void_p),
+                ("o", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p)]
+
+
+class _StepModel(ctypes.Structure):
+    """kernel.cpp's struct StepModel."""
+    _fields_ = [("layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
+                ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inner", ctypes.c_int64),
+                ("capacity", ctypes.c_int64), ("vocab", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("scaling", ctypes.c_float), ("layer", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
+                ("head", ctypes.c_void_p)]
 
 
 _LIB = None
@@ -50,6 +66,8 @@ def library() -> ctypes.CDLL:
         lib.sc_quantize.restype = c_int
         lib.sc_linear.argtypes = [p, p, i64, p, p, c_int, c_int]
         lib.sc_linear.restype = c_int
+        lib.sc_decode_step.argtypes = [p, p, i64, p, p, p, c_int, c_int, p]
+        lib.sc_decode_step.restype = c_int
         lib.sc_stream_read.argtypes = [p, i64, c_int, c_int]
         lib.sc_stream_read.restype = ctypes.c_uint64
         _LIB = lib
@@ -96,6 +114,42 @@ def linear(layer: KernelLayer, x: np.ndarray, threads: int = 1, path: str | None
                              None if ints is None else ints.ctypes.data, threads, PATHS[resolve_path(path)])
     _check(rc)
     return (y, ints) if with_ints else y
+
+
+class NativeStep:
+    """The whole decode step of a Llama-family model in C++ (kernel.cpp's decode_step): RMSNorms, rotary,
+    attention over the cache, SiLU gate and residuals around the packed matmuls, one call per token.
+
+    layers: per decoder layer (norm1 weight, norm2 weight, qkv, o, gate_up, down KernelLayers, k cache,
+    v cache), the weights float32 [hidden] tensors, the caches float32 [kv_heads, capacity, head_dim]
+    tensors (all contiguous; held here so the pointers stay valid)."""
+
+    def __init__(self, layers: list, final_norm: torch.Tensor, head: KernelLayer, dims: dict):
+        self._keep = (layers, final_norm, head)
+        arr = (_StepLayer * len(layers))()
+        for i, (n1, n2, qkv, o, gu, down, kc, vc) in enumerate(layers):
+            arr[i] = _StepLayer(n1.data_ptr(), n2.data_ptr(), qkv.address, o.address, gu.address, down.address,
+                                kc.data_ptr(), vc.data_ptr())
+        self._layers = arr
+        self.vocab = head.packed.out_features
+        self.hidden = dims["hidden"]
+        self._struct = _StepModel(len(layers), dims["hidden"], dims["heads"], dims["kv_heads"], dims["head_dim"],
+                                  dims["inner"], dims["capacity"], self.vocab, dims["eps"], dims["scaling"],
+                                  ctypes.addressof(arr), final_norm.data_ptr(), head.address)
+
+    def __call__(self, h: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, threads: int,
+                 path: int) -> torch.Tensor:
+        """h: the token's embedding [hidden] float32 (overwritten); cos, sin [head_dim] of position pos.
+        Returns the logits [vocab] float32."""
+        logits = torch.empty(self.vocab)
+        spent = ctypes.c_double(0.0)
+        _check(library().sc_decode_step(ctypes.addressof(self._struct), h.data_ptr(), pos, cos.data_ptr(),
+                                        sin.data_ptr(), logits.data_ptr(), threads, path, ctypes.byref(spent)))
+        clock = KernelClock.active
+        if clock:
+            clock.seconds += spent.value
+            clock.calls += 1
+        return logits
 
 
 def quantize(x: np.ndarray, path: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ... import models
+from ... import checkpoints, models
+from ...errors import UserError
 from ...outputs import read_meta
 from ...pruning.grid import recorded_scales
 from .kernel import PATHS, KernelLayer, int8_linear, resolve_path, run_linear
@@ -138,7 +139,8 @@ def _bias(mod, rows):
 
 
 def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int = 1, path: str | None = None,
-            reference: str | None = None, fuse: list[list[str]] | None = None) -> dict:
+            reference: str | None = None, fuse: list[list[str]] | None = None,
+            materialize: Callable | None = None) -> dict:
     """Put the int8 matrices (linear_names) of `model` on the kernel, then make the rest float32.
 
     kernel: "auto" | "sparse" | "dense" (KERNEL_MODES). reference: None (the kernel), "exact" | "fp32"
@@ -159,6 +161,8 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
     scales = recorded_scales(meta or {}, names[:-1])
     layers, totals, exact, fused = {}, {}, [], {}
     for group in groups:
+        if materialize is not None:
+            materialize(group)
         mods = [_module(model, n) for n in group]
         if reference == "torch":
             w = torch.cat([models.weight_2d(m).detach().float() for m in mods])
@@ -197,13 +201,55 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
 
 
 def load_int8_model(spec, kernel: str = "auto", threads: int = 1, path: str | None = None,
-                    reference: str | None = None, fuse: Callable | None = None) -> tuple[nn.Module, object, dict]:
+                    reference: str | None = None, fuse: Callable | None = None,
+                    stream: bool | None = None) -> tuple[nn.Module, object, dict]:
     """(model, tokenizer, summary) for a model folder, .gguf file or 'smollm2', converted by convert();
-    fuse(model) gives its groups (or None)."""
+    fuse(model) gives its groups (or None).
+
+    stream: read a safetensors folder's matrices from its shards group by group, each packed before the
+    next is read (peak: the packed model + the float32 rest + one group), instead of loading the whole
+    checkpoint first (which an 8B model's 16 GB plus its packed copy would not fit in 24 GiB). None:
+    stream when checkpoints.streamable() says the folder is large. Both give the same packed bytes."""
     t = time.perf_counter()
     kind, where = models.resolve(spec)
     meta = read_meta(where) if kind == "folder" else {}
-    model, tokenizer = models.load_model(spec)
-    summary = convert(model, meta, kernel, threads, path, reference, fuse(model) if fuse else None)
-    summary.update(load_s=time.perf_counter() - t, sparsity=meta.get("pruned_sparsity"))
+    if stream is None:
+        stream = checkpoints.streamable(spec)
+    materialize = None
+    if stream:
+        if kind != "folder" or not checkpoints.has_safetensors(where):
+            raise UserError(f"a streamed load reads a local safetensors folder; {spec} is not one")
+        model, materialize = _streamed_skeleton(where)
+        tokenizer = models.folder_tokenizer(where)
+    else:
+        model, tokenizer = models.load_model(spec)
+    summary = convert(model, meta, kernel, threads, path, reference, fuse(model) if fuse else None, materialize)
+    unread = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta]
+    if unread:
+        raise UserError(f"{where}: no value for {unread[0]} in its shards")
+    summary.update(load_s=time.perf_counter() - t, sparsity=meta.get("pruned_sparsity"), streamed=bool(stream))
     return model.eval(), tokenizer, summary
+
+
+def _streamed_skeleton(folder) -> tuple[nn.Module, Callable]:
+    """The model on meta with everything but its int8 matrices read (embeddings, norms, buffers), and the
+    function that reads a group of matrices (convert's materialize)."""
+    reader = checkpoints.ShardReader(folder)
+    model = checkpoints.skeleton(folder, reader)
+    names = checkpoints.checkpoint_names(model, reader)
+    module_name = {id(m): n for n, m in model.named_modules()}
+    owner = {n: module_name[id(_module(model, n))] for n in linear_names(model)}
+    matrices = set(owner.values())
+    checkpoints.load_tensors(model, reader, {m: c for m, c in names.items() if m.rpartition(".")[0] not in matrices})
+    checkpoints.tie_missing(model)
+
+    def materialize(group):
+        mods = {owner[n] for n in group}
+        wanted = {m: c for m, c in names.items() if m.rpartition(".")[0] in mods}
+        checkpoints.load_tensors(model, reader, wanted)
+        checkpoints.tie_missing(model)
+        missing = [n for n in group if models.weight_2d(_module(model, n)).is_meta]
+        if missing:
+            raise UserError(f"{folder}: no weight for {missing[0]} in its shards")
+
+    return model, materialize

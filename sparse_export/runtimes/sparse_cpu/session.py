@@ -41,10 +41,12 @@ class DecodeSession:
     thread (decode's attention and norms are tiny), except for torch-fp32, which gets `threads`.
     lean: the Llama family runs decoder.LeanDecoder (fused q/k/v and gate/up, preallocated cache) unless
     lean=False; other families, transformers' forward with its DynamicCache.
+    stream: read a safetensors folder's matrices group by group (load_int8_model); None: for large folders.
+    native: one-token steps of the lean loop run whole in C++ (decoder.LeanDecoder); False: the torch loop.
     """
 
     def __init__(self, folder, runtime: str = "sparse-cpu", threads: int | None = None, path: str | None = None,
-                 lean: bool = True):
+                 lean: bool = True, stream: bool | None = None, native: bool = True):
         if runtime not in (*KERNEL_OF, *REFERENCES, "torch-fp32"):
             raise UserError(f"unknown runtime '{runtime}' (choose from {', '.join(KERNEL_OF)})")
         self.folder, self.runtime = folder, runtime
@@ -53,8 +55,8 @@ class DecodeSession:
         fuse = (lambda m: lean_groups(m) if lean and lean_supported(m) else None)
         t = time.perf_counter()
         self.model, self.tokenizer, self.summary = load_int8_model(
-            folder, KERNEL_OF.get(runtime, "auto"), self.threads, path, reference, fuse)
-        self.decoder = LeanDecoder(self.model, self.summary["fused"]) if self.summary["fused"] else None
+            folder, KERNEL_OF.get(runtime, "auto"), self.threads, path, reference, fuse, stream)
+        self.decoder = LeanDecoder(self.model, self.summary["fused"], native) if self.summary["fused"] else None
         self.compile_s = time.perf_counter() - t
         config = self.model.config
         self.max_length = int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
