@@ -74,6 +74,16 @@ def prune_and_export_cmd(
                                                         **CpuOnly)] = None,
     new_tokens: Annotated[Optional[int], _target_opt("new_tokens", "cpu, generation benchmark: tokens generated.",
                                                      **CpuOnly)] = None,
+    stream: Annotated[Optional[bool], _target_opt("stream", "cpu: prune and export one decoder layer at a time "
+                                                  "from the safetensors shards (default: each step streams "
+                                                  "when the model would not fit; docs/export-at-scale.md).",
+                                                  "--stream/--no-stream", cpu=False, gpu=False)] = None,
+    memory_budget: Annotated[Optional[float], _target_opt("memory_budget", "cpu: GiB the in-memory export may "
+                                                          "use; larger safetensors folders take the streamed "
+                                                          "path (default 8).", cpu=False, gpu=False)] = None,
+    skip_fp32: Annotated[Optional[bool], _target_opt("skip_fp32", "cpu, with --int8: leave out the fp32 ONNX "
+                                                     "graphs (dense and sparse); export and benchmark INT8 only.",
+                                                     "--skip-fp32", **CpuOnly)] = None,
 ):
     """Prune MODEL (SparseGPT by default), export, verify, benchmark, and write report.md."""
     from ..targets import prune_and_export
@@ -89,5 +99,6 @@ def prune_and_export_cmd(
         eval_data=eval_data, eval_seqlen=eval_seqlen, max_segments=max_segments,
         runtimes=list(runtime) if runtime else None, bench_batch=bench_batch, bench_seqlen=bench_seqlen,
         warmup=warmup, iterations=iterations, logits=logits, threads=threads, force=force or None, int8=int8,
-        fp32_attention=fp32_attention, int8_max_error=int8_max_error, generate=generate, prompt_tokens=prompt_tokens, new_tokens=new_tokens)
+        fp32_attention=fp32_attention, int8_max_error=int8_max_error, generate=generate, prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32)
     prune_and_export(model, out, opts)

@@ -8,6 +8,13 @@ output folder. The steps, in order, each a function below:
   generation_step  dense-kv/, sparse-kv/ and generate.png: decode speed (skipped with --no-generate)
   report           report.md, report.json, latency.png
 
+A model too large to hold in memory (the export streams: onnx_stream.choose_stream, --stream,
+--memory-budget) takes the streamed path instead of the first three steps (streamed_steps): the prune
+and every export run one decoder layer at a time from the safetensors shards, perplexity is measured
+streamed, and what needs a whole-model torch forward is left out (cpu_large.SKIPPED_WHEN_STREAMED).
+With --skip-fp32, or when the fp32 graphs would not fit (cpu_large.plan_cpu_run), only the INT8 graph
+is exported and benchmarked.
+
 The folder is built in a temporary folder beside --out and renamed at the end: a failure in any
 step leaves nothing at --out.
 """
@@ -26,6 +33,7 @@ from ..export.int8_calib import fake_int8
 from ..export.onnx_int8 import ACT_NSAMPLES, ACT_SEQLEN, OUTLIER_RATIO, prepare_int8, write_int8_deployment
 from ..export.onnx_kv import export_kv_onnx
 from ..export.onnx_plain import write_deployment
+from ..export.onnx_stream import export_streamed
 from ..export.validate import LOGITS_TOLERANCE, agreement, fp32_tolerance, int8_tolerance, reference_output
 from ..measure.generation import benchmark_generation, plot_generation
 from ..measure.machine import trust_line
@@ -34,6 +42,7 @@ from ..outputs import atomic_dir, library_versions, read_meta, relocate, relocat
 from ..pruning.jobs import prune
 from ..report import write_report
 from ..runtimes import CPU_RUNTIMES, GENERATE_RUNTIMES, get_runtime, installed
+from .cpu_large import CpuPlan, kv_supported, plan_cpu_run
 from .cpu_report import PAPER_OPT_2_7B, cpu_sections
 from .options import CpuOptions
 
@@ -61,6 +70,7 @@ class _Run:
     held_out: object = None                          # token windows for the accuracy section
     dense_logprobs: object = None
     accuracy: dict = field(default_factory=dict)     # label -> distribution shift; "completions", "held_out"
+    plan: CpuPlan = None                             # streamed or in memory; fp32 graphs or not
 
     def step_log(self, msg):  # steps write into the temporary folder: leave out their "wrote" lines
         if not str(msg).startswith("wrote "):
@@ -74,13 +84,21 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
     report: the artifacts and the other results are kept (exit 0, with a warning line)."""
     opts.validate()
     runtimes = check_inputs(model, opts)
+    plan = plan_cpu_run(str(model), opts, runtimes)
     if opts.threads:
         torch.set_num_threads(opts.threads)
     with atomic_dir(out, opts.force) as tmp:
-        run = _Run(str(model), opts, Path(tmp), log, runtimes)
-        gen_skip = load_dense(run)
-        prune_step(run)
-        deploy(run)
+        run = _Run(str(model), opts, Path(tmp), log, plan.runtimes, plan=plan)
+        for note in plan.notes + ([f"fp32 graphs left out: {plan.skip_fp32}"] if plan.skip_fp32 else []):
+            log(note)
+        if plan.streamed:
+            gen_skip = streamed_steps(run)
+        else:
+            gen_skip = load_dense(run)
+            prune_step(run)
+            deploy(run)
+        if gen_skip is None and plan.skip_fp32:
+            gen_skip = "the KV-cache graphs are fp32, and the fp32 graphs are left out"
         result = prefill_step(run)
         report = _report_dict(run, result)
         report["generate"] = generation_results(run, gen_skip)
@@ -88,7 +106,7 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
         report = relocate(report, run.tmp)                        # paths relative to the output folder
         relocate_meta_files(run.tmp, Path(out).resolve())         # the deployments' own JSON: final paths
         write_report(run.tmp, _title(run), cpu_sections(report, str(out)), report, plot=PLOT)
-    outputs = ["pruned-model/", "onnx-dense/", "onnx-sparse/"] + (["onnx-int8/"] if opts.int8 else [])
+    outputs = ["pruned-model/"] + [f"onnx-{label}/" for label in ("dense", "sparse", "int8") if label in run.folders]
     outputs += [] if gen_skip else ["dense-kv/", "sparse-kv/", "generate.png"]
     log(f"wrote {out} ({', '.join(outputs + ['report.md', 'report.json', PLOT])})")
     return report
@@ -114,6 +132,8 @@ def _deploy_fp32(run: _Run, label: str, spec, m, tok):
         run.ppl[label] = evaluate(spec, run.opts.eval_data, run.opts.eval_seqlen, run.opts.max_segments,
                                   model=m, tokenizer=tok)
     run.reference[label] = reference_output(m, run.opts.logits, *run.inputs)
+    if run.plan is not None and run.plan.skip_fp32:
+        return  # no graph; the reference stays for the int8 tolerance
     run.folders[label] = run.tmp / f"onnx-{label}"
     run.exports[label] = write_deployment(m, tok, run.folders[label], run.opts.logits, source=spec,
                                           log=run.step_log)
@@ -170,7 +190,7 @@ def _measure_accuracy(run: _Run, label: str, model, tok) -> None:
 def prune_step(run: _Run) -> None:
     """pruned-model/: the pruned checkpoint."""
     run.prune_meta = prune(run.model, run.tmp / "pruned-model", run.opts.recipe, force=True,
-                           threads=run.opts.threads, log=run.step_log)
+                           threads=run.opts.threads, log=run.step_log, stream=run.opts.stream)
 
 
 def deploy(run: _Run) -> None:
@@ -213,19 +233,94 @@ def _deploy_int8(run: _Run, model, tok, pruned_dir):
                                  source=pruned_dir, extra=extra, log=run.log)
 
 
+def streamed_steps(run: _Run) -> str | None:
+    """The large-model path instead of load_dense, prune_step and deploy: benchmark inputs from the folder's
+    tokenizer, then onnx-dense/, pruned-model/, onnx-sparse/ (and onnx-int8/), each streamed one decoder
+    layer at a time and checked by its export against torch run layer by layer; perplexity streamed.
+    Returns why generation is skipped (None: it runs)."""
+    o, folder = run.opts, run.plan.folder
+    run.log(f"{run.model} takes the streamed path (one decoder layer at a time); skipped: whole-model torch "
+            f"references, the accuracy section and completions")
+    tok = models.folder_tokenizer(folder)
+    gen_skip = _generation_skip_streamed(run)
+    run.inputs, run.inputs_note = _text_inputs(o.eval_data or o.recipe.calib, tok, o.bench_batch, o.bench_seqlen,
+                                               models.read_config(folder)["vocab_size"])
+    _stream_fp32(run, "dense", folder)
+    prune_step(run)
+    pruned_dir = run.tmp / "pruned-model"
+    _stream_fp32(run, "sparse", pruned_dir)
+    if o.int8:
+        _stream_int8(run, pruned_dir)
+    return gen_skip
+
+
+def _stream_fp32(run: _Run, label: str, src) -> None:
+    """Perplexity of the folder `src` (streamed) and, unless the fp32 graphs are left out, onnx-`label`/
+    exported one layer at a time."""
+    o = run.opts
+    if o.eval_data is not None:
+        run.log(f"perplexity of the {label} model on {o.eval_data} (streamed)")
+        run.ppl[label] = evaluate(src, o.eval_data, o.eval_seqlen, o.max_segments, stream=True)
+    if run.plan.skip_fp32:
+        return
+    run.folders[label] = run.tmp / f"onnx-{label}"
+    run.exports[label] = export_streamed(src, run.folders[label], kind="plain", logits=o.logits, force=True,
+                                         budget=run.plan.budget, log=run.step_log)
+
+
+def _stream_int8(run: _Run, pruned_dir: Path) -> None:
+    """onnx-int8/ from the pruned folder, streamed: each layer's activation ranges measured as it is read
+    (the calibration of the in-memory path: the recipe's text, at most ACT_NSAMPLES x ACT_SEQLEN tokens)."""
+    o, r = run.opts, run.opts.recipe
+    n, L = min(r.nsamples, ACT_NSAMPLES), min(r.seqlen, ACT_SEQLEN)
+    run.log(f"int8: activation ranges from {n} x {L} calibration tokens, one layer at a time")
+    int8 = {"calib": r.calib, "nsamples": n, "seqlen": L, "seed": r.seed, "percentile": None,
+            "outlier_ratio": OUTLIER_RATIO, "attention": not o.fp32_attention}
+    run.folders["int8"] = run.tmp / "onnx-int8"
+    run.exports["int8"] = export_streamed(pruned_dir, run.folders["int8"], kind="int8", logits=o.logits, int8=int8,
+                                          force=True, budget=run.plan.budget, log=run.step_log)
+    if o.eval_data is not None:
+        run.plan.notes.append("int8 perplexity not measured: it needs the fake-quantized model whole in torch")
+
+
+def _recorded_agreement(run: _Run) -> list[dict]:
+    """The streamed path's correctness rows: what each export recorded when it ran its graph on ONNX
+    Runtime against torch run one layer at a time (it raised had they disagreed)."""
+    out = []
+    for label, meta in run.exports.items():
+        v = meta.get("validation") or {}
+        out.append({"model": label, "runtime": v.get("runtime", "onnxruntime"), "max_abs_diff": v.get("max_abs_diff"),
+                    "max_abs_output": v.get("max_abs_output"), "tolerance": v.get("tolerance"),
+                    "inputs": v.get("inputs"), "layers_checked": v.get("layers_checked"), "note": v.get("note")})
+    return out
+
+
+def _generation_skip_streamed(run: _Run) -> str | None:
+    """_generation_skip for the streamed path, from the folder's config (no model is loaded)."""
+    if not run.opts.generate:
+        return "--no-generate"
+    if not set(run.runtimes) & set(GENERATE_RUNTIMES):
+        return f"it runs on {' or '.join(GENERATE_RUNTIMES)}, and neither is among the runtimes"
+    return kv_supported(run.plan.folder)
+
+
 def prefill_step(run: _Run) -> dict:
     """Every runtime on every deployment, interleaved; outputs against torch; latency.png."""
     o = run.opts
+    streamed = run.plan is not None and run.plan.streamed
     run.log(f"benchmark: {', '.join(run.runtimes)} on {o.bench_batch}x{o.bench_seqlen} tokens")
-    result = benchmark_prefill(run.folders, run.runtimes, baseline="dense", batch=o.bench_batch,
-                               seqlen=o.bench_seqlen, warmup=o.warmup, iterations=o.iterations, threads=o.threads,
-                               logits=o.logits, inputs=run.inputs, keep_outputs=True, on_crash="record",
-                               log=run.log)
+    result = benchmark_prefill(run.folders, run.runtimes, baseline="dense" if "dense" in run.folders else None,
+                               batch=o.bench_batch, seqlen=o.bench_seqlen, warmup=o.warmup, iterations=o.iterations,
+                               threads=o.threads, logits=o.logits, inputs=run.inputs, keep_outputs=not streamed,
+                               on_crash="record", log=run.log)
     run.log(trust_line(result["trust"]))
     rows = result["rows"]
-    agree = [a for label in ("dense", "sparse")
-             for a in agreement([r for r in rows if r["model"] == label], run.reference, run.tolerance[label])]
-    if o.int8:
+    if streamed:
+        agree = _recorded_agreement(run)
+    else:
+        agree = [a for label in ("dense", "sparse") if label in run.folders
+                 for a in agreement([r for r in rows if r["model"] == label], run.reference, run.tolerance[label])]
+    if o.int8 and not streamed:
         agree += agreement([r for r in rows if r["model"] == "int8"], run.reference,
                            int8_tolerance(run.reference["int8"], run.reference["sparse"]))
     save_prefill(result, plot_path=run.tmp / PLOT)
@@ -235,16 +330,21 @@ def prefill_step(run: _Run) -> dict:
 
 
 def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opts: CpuOptions,
-                    log=print) -> dict:
+                    log=print, budget: int | None = None) -> dict:
     """KV-cache graphs of the dense and pruned models (out_dir/dense-kv, out_dir/sparse-kv), decode speed
     on `runtimes` (a crashing engine is retried on one thread, then recorded), out_dir/generate.png.
+    budget: export the graphs streamed, one layer at a time, with this check budget (bytes); None: in memory.
     Returns the generation benchmark's result."""
     out_dir = Path(out_dir)
     log(f"generation benchmark: {', '.join(runtimes)}, {opts.prompt_tokens}-token prompt, "
         f"{opts.new_tokens} new tokens")
     folders = {"dense": out_dir / "dense-kv", "sparse": out_dir / "sparse-kv"}
     for src, dst in ((dense_model, folders["dense"]), (sparse_model, folders["sparse"])):
-        export_kv_onnx(src, dst, opts.prompt_tokens + opts.new_tokens, force=True, log=log)
+        if budget is None:
+            export_kv_onnx(src, dst, opts.prompt_tokens + opts.new_tokens, force=True, log=log)
+        else:
+            export_streamed(src, dst, kind="kv", max_length=opts.prompt_tokens + opts.new_tokens, force=True,
+                            budget=budget, log=log)
     result = benchmark_generation(folders, runtimes, "dense", opts.prompt_tokens, opts.new_tokens,
                                   iterations=min(opts.iterations, 3), threads=opts.threads, on_crash="record",
                                   log=log)
@@ -259,8 +359,10 @@ def generation_results(run: _Run, gen_skip: str | None) -> dict:
     if gen_skip:
         run.log(f"generation benchmark skipped: {gen_skip}")
         return {"skipped": gen_skip}
-    return generation_step(run.model, run.tmp / "pruned-model", run.tmp,
-                           [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log)
+    streamed = run.plan is not None and run.plan.streamed
+    return generation_step(run.plan.folder if streamed else run.model, run.tmp / "pruned-model", run.tmp,
+                           [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log,
+                           budget=run.plan.budget if streamed else None)
 
 
 def _warnings(run: _Run, report: dict) -> list[str]:
@@ -284,12 +386,15 @@ def _report_dict(run: _Run, result: dict) -> dict:
     o, p = run.opts, run.prune_meta
     return {
         "target": "cpu", "model": run.model, "recipe": o.recipe.to_dict(), "logits": o.logits,
-        "prune": {k: p.get(k) for k in ("pruned_sparsity", "calibration_mode", "timing", "allocation")},
-        "export": {k: {**{f: e[f] for f in ("prunable_sparsity", "prunable_matrices", "all_weights_sparsity",
-                                              "weight_initializers", "external_data", "export_s")},
+        "prune": {**{k: p.get(k) for k in ("pruned_sparsity", "calibration_mode", "timing", "allocation")},
+                  "streamed": bool(p.get("streamed"))},
+        "export": {k: {**{f: e.get(f) for f in ("prunable_sparsity", "prunable_matrices", "all_weights_sparsity",
+                                                  "weight_initializers", "external_data", "export_s")},
+                       "streamed": "streamed" in e,
                        **({"quant": _quant_summary(e["int8"])} if "int8" in e else {})}
                    for k, e in run.exports.items()},
         "verify": {"inputs": run.inputs_note, "agreement": result.pop("agreement"), "perplexity": run.ppl},
+        "plan": run.plan.to_dict() if run.plan is not None else None,
         "accuracy": run.accuracy,
         "benchmark": result,
         "paper_opt_2_7b_deepsparse": {str(k): v for k, v in PAPER_OPT_2_7B.items()},

@@ -15,17 +15,30 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
     """Every section, in order; out_name: how commands refer to the output folder."""
     rows = r["benchmark"]["rows"]
     v = r["verify"]
+    plan = r.get("plan") or {}
     out = [("Summary", _summary(r))]
     if r["warnings"]:
         out.insert(0, ("Warnings", "\n".join(f"- **{w}**" for w in r["warnings"])))
     if r["prune"].get("allocation"):
         out.append(("Sparsity per layer", _allocation(r["prune"]["allocation"])))
-    out += [("Accuracy", _accuracy(r["accuracy"], v["perplexity"])),
-            ("Side by side", _side_by_side(v["perplexity"], rows))]
+    if plan.get("streamed"):
+        out.append(("Skipped on the streamed path", plan["skipped"][0].upper() + plan["skipped"][1:] + "."))
+    else:
+        out.append(("Accuracy", _accuracy(r["accuracy"], v["perplexity"])))
+    out.append(("Side by side", _side_by_side(v["perplexity"], rows)))
     agree = table(v["agreement"], [("model", "model"), ("runtime", "runtime"),
                                    ("max abs diff vs torch", "max_abs_diff"),
                                    ("max abs output", "max_abs_output"), ("tolerance", "tolerance")])
-    out.append(("Correctness", f"Outputs on {v['inputs']}, against the torch model in eval mode.\n\n{agree}"))
+    if plan.get("streamed"):
+        first = next(iter(v["agreement"]), {})
+        how = (f"Each graph as its streamed export checked it: ONNX Runtime on {first.get('inputs', 'random tokens')} "
+               f"against torch run one decoder layer at a time from the shards (layers checked: "
+               f"{', '.join(str(a.get('layers_checked')) for a in v['agreement'])}; a truncated check runs the "
+               f"first layers and the head when the whole graph would not fit the memory budget). The "
+               f"benchmark's own outputs ({v['inputs']}) have no whole-model torch reference on this path.")
+        out.append(("Correctness", f"{how}\n\n{agree}"))
+    else:
+        out.append(("Correctness", f"Outputs on {v['inputs']}, against the torch model in eval mode.\n\n{agree}"))
     if v["perplexity"]:
         ppl = [{**x, "model": k} for k, x in v["perplexity"].items()]
         out.append(("Perplexity", table(ppl, [("model", "model"), ("data", "data"), ("windows", "windows"),
@@ -36,7 +49,10 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
                          f"{c['warmup']} warmup + {c['iterations']} timed runs, models of one runtime timed "
                          f"interleaved, CPU {c['cpu']}. Load time (DeepSparse: compilation) is apart from latency. "
                          f"CPU ms: process CPU time per run (all threads); min ms beside the median shows the "
-                         f"spread.\n\n" + prefill_table(b) + "\n\n" + trust_line(b["trust"])))
+                         f"spread." + ("" if "dense" in r["export"] else
+                                       " No dense graph was benchmarked: there is no speedup over dense, and "
+                                       "`x dense ORT` is relative to the first model on ONNX Runtime.")
+                         + "\n\n" + prefill_table(b) + "\n\n" + trust_line(b["trust"])))
     out.append(("Against the paper", _paper_section(rows, r["prune"]["pruned_sparsity"])))
     g = r.get("generate") or {}
     if "rows" in g:
@@ -56,27 +72,45 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
 
 def _summary(r: dict) -> str:
     e, s, rec = r["export"], r["prune"]["pruned_sparsity"], r["recipe"]
+    plan = r.get("plan") or {}
     acc = r["accuracy"].get("sparse", {})
     owl = " (OWL: a sparsity per layer, see Sparsity per layer)" if r["prune"].get("allocation") else ""
-    text = "\n".join([
+    counted = "sparse" if "sparse" in e else "int8"
+    lines = [
         f"- Model `{r['model']}`, pruned one-shot with {PRUNERS[rec['method']].title} to {s:.1%} of the "
         f"decoder-layer weights{owl} (calibration `{rec['calib']}`, {rec['nsamples']} x {rec['seqlen']} tokens).",
-        f"- Accuracy: on {acc.get('tokens', 0)} held-out tokens the pruned model's most likely next token is the "
-        f"dense model's {fmt(acc.get('top1_agreement'), '.1%')} of the time (KL divergence "
-        f"{fmt(acc.get('kl_nats_per_token'), '.3f')} nats/token); see Accuracy"
-        + ("." if r["verify"]["perplexity"] else
-           "; for WikiText-2 perplexity, rerun with `--eval-data path/to/wiki.test.raw`."),
-        f"- Sparsity counted in `onnx-sparse/model.onnx`: {e['sparse']['prunable_sparsity']:.2%} over its "
-        f"{e['sparse']['prunable_matrices']} prunable matrices; each holds exactly the checkpoint's values, "
+    ]
+    if plan.get("streamed"):
+        lines.append(f"- Streamed path (the model is not held in memory whole): prune "
+                     f"{'streamed' if r['prune'].get('streamed') else 'in memory'}, every ONNX export streamed one "
+                     f"decoder layer at a time; see Skipped on the streamed path"
+                     + (", Perplexity." if r["verify"]["perplexity"] else
+                        "; for WikiText-2 perplexity, rerun with `--eval-data path/to/wiki.test.raw`."))
+    else:
+        lines.append(
+            f"- Accuracy: on {acc.get('tokens', 0)} held-out tokens the pruned model's most likely next token is "
+            f"the dense model's {fmt(acc.get('top1_agreement'), '.1%')} of the time (KL divergence "
+            f"{fmt(acc.get('kl_nats_per_token'), '.3f')} nats/token); see Accuracy"
+            + ("." if r["verify"]["perplexity"] else
+               "; for WikiText-2 perplexity, rerun with `--eval-data path/to/wiki.test.raw`."))
+    if plan.get("skip_fp32"):
+        lines.append(f"- fp32 graphs (`onnx-dense/`, `onnx-sparse/`) not exported or benchmarked: "
+                     f"{plan['skip_fp32']}; only `onnx-int8/` is.")
+    lines += [f"- {n[0].upper() + n[1:]}." for n in plan.get("notes", [])]
+    lines += [
+        f"- Sparsity counted in `onnx-{counted}/model.onnx`: {e[counted]['prunable_sparsity']:.2%} over its "
+        f"{e[counted]['prunable_matrices']} prunable matrices; each holds exactly the checkpoint's values, "
         f"so the zero counts equal the checkpoint's matrix by matrix. All weights: "
-        f"{e['sparse']['all_weights_sparsity']:.2%} (embeddings and LM head stay dense).",
+        f"{e[counted]['all_weights_sparsity']:.2%} (embeddings and LM head stay dense).",
         f"- Graph output: `{r['logits']}` logits (`last` = last position only, what a prefill needs).",
-    ])
+    ]
+    text = "\n".join(lines)
     if "int8" in e:
         q = e["int8"]["quant"]
         text += (
             f"\n- INT8 (`onnx-int8/`): pruned jointly onto the int8 weight grid (SparseGPT rounds each kept "
-            f"weight before propagating its error), so `onnx-sparse/` and `onnx-int8/` hold the same weights. "
+            f"weight before propagating its error), so `{'onnx-sparse' if 'sparse' in e else 'pruned-model'}/` and "
+            f"`onnx-int8/` hold the same weights. "
             f"{q['matmul_integer']} of {e['int8']['prunable_matrices']} Linear layers run as "
             f"QuantizeLinear -> MatMulInteger -> Cast -> Mul (activations uint8, static per-tensor ranges "
             f"from calibration); {len(q['fp32_linear'])} whose inputs carry massive outliers"
@@ -84,11 +118,17 @@ def _summary(r: dict) -> str:
                f"error)" if q.get("max_error") else "") + f" "
             f"stay fp32. Attention score matmuls (query x key): {q['attention']['score_matmul']}; softmax, "
             f"probabilities x values, norms, embeddings and the LM head stay fp32. Sparsity counted in the file: "
-            f"{e['int8']['prunable_sparsity']:.2%}. Its torch reference and perplexity use the same integer "
-            f"weights with the same activations fake-quantized. Engines and torch round a few activations "
+            f"{e['int8']['prunable_sparsity']:.2%}. "
+            + ("Its check ran the graph against torch with the same integer weights and the same activations "
+               "fake-quantized, one layer at a time. " if plan.get("streamed") else
+               "Its torch reference and perplexity use the same integer weights with the same activations "
+               "fake-quantized. ") + f"Engines and torch round a few activations "
             f"differently and those differences spread, so the int8 tolerance is {INT8_NOISE_FACTOR:g}x the "
             f"largest change quantizing the activations makes to the torch logits.")
-        if not rec.get("smooth"):
+        if not rec.get("smooth") and plan.get("streamed"):
+            text += (" Static int8 activations lose accuracy on models with outlier channels; `--smooth 0.8` "
+                     "helps (docs/int8.md; `--int8-max-error` needs the in-memory path).")
+        elif not rec.get("smooth"):
             text += (" Static int8 activations lose accuracy on models with outlier channels; "
                      "`--smooth 0.8 --int8-max-error 0.003` kept SmolLM2's INT8 graph within 4% of the fp32 sparse "
                      "graph at full INT8 speed (docs/int8.md).")
@@ -166,9 +206,11 @@ def _deploy_guide(r: dict, out_name: str) -> str:
         ("onnx-dense/", "the same graph of the original model (the baseline)",
          f"`sparse-export benchmark {o}/onnx-dense --runtime deepsparse`"),
     ]
+    rows = [x for x in rows if not x[0].startswith("onnx-") or x[0][5:-1] in r["export"]]
     if "int8" in r["export"]:
+        base = f" --baseline {o}/onnx-dense" if "dense" in r["export"] else ""
         rows.append(("onnx-int8/", "the pruned model with int8 matmuls (fastest on DeepSparse)",
-                     f"`sparse-export benchmark {o}/onnx-int8 --baseline {o}/onnx-dense --runtime deepsparse`"))
+                     f"`sparse-export benchmark {o}/onnx-int8{base} --runtime deepsparse`"))
     if "rows" in (r.get("generate") or {}):
         rows += [("sparse-kv/", "KV-cache graph of the pruned model: text generation",
                   f"`sparse-export generate {o}/sparse-kv \"The capital of France is\" --runtime deepsparse`"),

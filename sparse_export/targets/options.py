@@ -41,6 +41,9 @@ class CpuOptions:
     generate: bool = True                 # also export KV-cache graphs and benchmark generation
     prompt_tokens: int = 256
     new_tokens: int = 128
+    stream: bool | None = None            # prune and export layer by layer (None: each step's own rule decides)
+    memory_budget: float | None = None    # GiB the in-memory export may use (None: onnx_stream.EXPORT_BUDGET)
+    skip_fp32: bool = False               # with int8: export and benchmark only the int8 graph
 
     def validate(self) -> "CpuOptions":
         if self.fp32_attention and not self.int8:
@@ -51,6 +54,10 @@ class CpuOptions:
             if not self.int8_max_error > 0:
                 raise UserError(f"--int8-max-error must be > 0 (a relative squared error, e.g. 0.003), "
                                 f"got {self.int8_max_error}")
+        if self.skip_fp32 and not self.int8:
+            raise UserError("--skip-fp32 leaves only the INT8 graph: it needs --int8")
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise UserError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
         if self.int8:
             if self.recipe.wbits not in (None, 8):
                 raise UserError(f"--int8 prunes onto the 8-bit grid; --wbits {self.recipe.wbits} contradicts it")
