@@ -20,6 +20,7 @@ sparse formats' index), dense int8 = 1 byte per weight; plus the LM head as expo
 
   python benchmarks/bench_scale.py --shape tinyllama-1.1b --work /work/bench/scale
   python benchmarks/bench_scale.py --shape llama-3-8b --work /work/bench/scale --no-fp32 --no-prefill
+  (decode needs the INT8 KV-cache graph, `export onnx --int8 --kv-cache`; --fp32-decode adds fp32 ones)
   python benchmarks/bench_scale.py --table          # combine benchmarks/results/scale-*.json into scale.md
 """
 
@@ -94,7 +95,7 @@ def decode_bytes(meta: dict) -> dict:
             continue
         if w.get("op") == "MatMulInteger":
             total["linear_dense_int8"] += size
-            total["linear_sparse_int8"] += nnz + size / 8
+            total["linear_sparse_int8"] += nnz + size / 8 if w["zeros"] else size   # the head: read dense
         elif w.get("prunable"):
             fp32 = 4 * nnz + size / 8 if w["zeros"] else 4 * size
             total["linear_fp32"] += fp32
@@ -203,8 +204,8 @@ def run_shape(args) -> None:
     b = Bench(args)
     labels = {"dense": 0.0, **{f"sparse{int(s * 100)}": s for s in args.sparsities}}
     kinds = (["prefill-fp32"] if args.fp32 else []) + ["prefill-int8"]   # plain graphs, last-token logits
-    if args.decode and args.fp32 and args.fp32_decode:
-        kinds.append("decode-fp32")
+    if args.decode:                                                      # KV-cache graphs
+        kinds += (["decode-fp32"] if args.fp32 and args.fp32_decode else []) + ["decode-int8"]
     folders = {kind: {} for kind in kinds}
     for label, sparsity in labels.items():           # one pruned model at a time: disk
         src = None
@@ -221,8 +222,9 @@ def run_shape(args) -> None:
         return
     for kind in kinds:
         graph, prec = kind.split("-")
-        # the plain graph gives the prefill, and one token through it the decode step's weight traffic
-        modes = (["prefill"] if args.prefill else []) + (["step"] if args.decode else []) if graph == "prefill" else ["decode"]
+        # the plain graph gives the prefill (and with --step one token through it: the weight traffic of a
+        # decode step without the cache), the KV-cache graph the decode
+        modes = (["prefill"] if args.prefill else []) + (["step"] if args.step else []) if graph == "prefill" else ["decode"]
         found = folders[kind]
         for mode in modes:
             for rt in args.runtimes:
@@ -310,7 +312,8 @@ def main():
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--rerun", action=argparse.BooleanOptionalAction, default=True,
                     help="time the dense model again after the sparse ones (drift)")
-    ap.add_argument("--step-iterations", type=int, default=20, help="timed 1-token forwards")
+    ap.add_argument("--step", action="store_true", help="also time 1-token forwards through the plain graph")
+    ap.add_argument("--step-iterations", type=int, default=20, help="timed 1-token forwards (--step)")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--calib", default=None, help="text for INT8 activation ranges (default: the C4 sample)")
     ap.add_argument("--export-args", nargs="*", default=[], help="extra `export onnx` flags")

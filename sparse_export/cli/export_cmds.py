@@ -17,7 +17,8 @@ def export_onnx_cmd(
                                             "all: every position | none: no LM head (decoder stack)."),
     seqlen: int = typer.Option(16, help="Tokens in the example input used for tracing; the axes stay dynamic."),
     force: o.Force = False,
-    kv_cache: bool = typer.Option(False, "--kv-cache", help="Export the KV-cache graph `generate` runs."),
+    kv_cache: bool = typer.Option(False, "--kv-cache", help="Export the KV-cache graph `generate` runs (with "
+                                                            "--int8: its Linear layers and LM head int8)."),
     max_length: int = typer.Option(2048, help="With --kv-cache: the static cache length (prompt + new tokens)."),
     int8: bool = typer.Option(False, "--int8", help="Linear layers as int8 matmuls (weights from a --wbits 8 "
                                                     "model are exact; activations quantized statically)."),
@@ -39,6 +40,8 @@ def export_onnx_cmd(
                                                    "error on the calibration text (e.g. 0.003; default: off)."),
     fp32_attention: bool = typer.Option(False, "--fp32-attention", help="With --int8: keep the attention score "
                                                                         "matmuls (query x key) fp32."),
+    fp32_head: bool = typer.Option(False, "--fp32-head", help="With --int8: keep the LM head fp32 (default: "
+                                                              "int8 weights, one scale per vocabulary row)."),
     stream: Optional[bool] = typer.Option(None, "--stream/--no-stream",
                                           help="Export one decoder layer at a time from the safetensors shards "
                                                "(default: when the in-memory export would pass --memory-budget; "
@@ -52,9 +55,7 @@ def export_onnx_cmd(
 
     int8_opts = {"--calib": calib, "--nsamples": nsamples, "--calib-seqlen": calib_seqlen,
                  "--percentile": percentile, "--outlier-ratio": outlier_ratio, "--max-error": max_error,
-                 "--fp32-attention": fp32_attention or None}
-    if int8 and kv_cache:
-        raise UserError("--int8 and --kv-cache cannot be combined (the KV-cache graph is fp32 only)")
+                 "--fp32-attention": fp32_attention or None, "--fp32-head": fp32_head or None}
     if not int8 and any(v is not None for v in int8_opts.values()):
         raise UserError(f"{next(k for k, v in int8_opts.items() if v is not None)} applies to --int8 only")
     from ..export.onnx_stream import EXPORT_BUDGET, choose_stream
@@ -71,17 +72,24 @@ def export_onnx_cmd(
 
         opts = {"calib": calib, "nsamples": nsamples, "seqlen": calib_seqlen, "percentile": percentile,
                 "outlier_ratio": OUTLIER_RATIO if outlier_ratio is None else outlier_ratio,
-                "attention": not fp32_attention}
-        kind = "int8" if int8 else ("kv" if kv_cache else "plain")
+                "attention": not fp32_attention, "head": not fp32_head}
+        kind = "kv" if kv_cache else ("int8" if int8 else "plain")
         return export_streamed(model, out, kind=kind, logits=logits, seqlen=seqlen, max_length=max_length,
                                int8=opts if int8 else None, force=force, budget=budget)
+    if int8 and kv_cache:
+        from ..export.onnx_kv import export_kv_onnx
+
+        return export_kv_onnx(model, out, max_length=max_length, force=force, int8={
+            "calib": calib, "nsamples": nsamples, "seqlen": calib_seqlen, "percentile": percentile,
+            "outlier_ratio": outlier_ratio, "max_error": max_error, "attention": not fp32_attention,
+            "head": not fp32_head})
     if int8:
         from ..export.onnx_int8 import OUTLIER_RATIO, export_int8
 
         return export_int8(model, out, calib=calib, nsamples=nsamples, seqlen=calib_seqlen, percentile=percentile,
                            outlier_ratio=OUTLIER_RATIO if outlier_ratio is None else outlier_ratio,
                            attention=not fp32_attention, logits=logits, trace_seqlen=seqlen, force=force,
-                           max_error=max_error)
+                           max_error=max_error, head=not fp32_head)
     if kv_cache:
         from ..export.onnx_kv import export_kv_onnx
 

@@ -3,7 +3,9 @@ fake-quantized model the INT8 ONNX reproduces (the reference its outputs are che
 
 Linear inputs: uint8, asymmetric (scale, zero point), one pair per tensor. Attention scores
 (query x key): query uint8 like a Linear input, key int8 symmetric, per tensor. The weight grid is
-pruning/grid.py.
+pruning/grid.py. The LM head is one more Linear here (its input: the final norm's output): its weight
+gets its own int8 grid, one scale per vocabulary row (untied from the input embedding, which stays
+fp32), and its input is quantized like a decoder Linear's (head_module, grid_head, head_choice).
 """
 
 import contextlib
@@ -116,6 +118,56 @@ def fake_quantized_inputs(model, qparams: dict) -> Iterator[torch.nn.Module]:
 def fake_quant_symmetric(x: torch.Tensor, scale: float) -> torch.Tensor:
     """What an int8 QuantizeLinear with zero point 0 then a dequantize does to x."""
     return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+
+# ---- the LM head ----------------------------------------------------------------------------
+
+def head_module(model) -> str | None:
+    """Module name of the model's LM head when it is an nn.Linear (the head the INT8 graph quantizes)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear):
+        return None
+    return next((n for n, m in model.named_modules() if m is head), None)
+
+
+def head_is_tied(model, name: str) -> bool:
+    """Whether the head's weight is the input embedding's tensor (tie_word_embeddings)."""
+    emb = model.get_input_embeddings()
+    w = model.get_submodule(name).weight
+    return emb is not None and (emb.weight is w or emb.weight.data_ptr() == w.data_ptr())
+
+
+@torch.no_grad()
+def grid_head(model, name: str) -> list[float]:
+    """Put the LM head's weight on a symmetric int8 grid, one scale per output (vocabulary) row, rounded to
+    nearest, in place. A tied head first gets its own copy of the weight, so the input embedding keeps its
+    fp32 table. Returns the scale per row."""
+    from ..pruning.grid import round_weights
+
+    mod = model.get_submodule(name)
+    if head_is_tied(model, name):
+        mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
+    return round_weights(model, 8, True, [name])[name]
+
+
+def head_choice(name: str | None, ranges: dict | None, outlier_limit: float | None, tied: bool,
+                requested: bool = True) -> dict:
+    """Whether the LM head runs int8, and why not: the "head" entry of the int8 metadata. The outlier test
+    is the decoder Linears' (outlier_ratio of its input range past outlier_limit keeps it fp32)."""
+    out = {"module": name, "tied_embeddings": tied, "dtype": "fp32", "reason": None, "input_outlier_ratio": None}
+    if name is None:
+        out["reason"] = "no LM head Linear in the graph"
+    elif not requested:
+        out["reason"] = "--fp32-head"
+    else:
+        ratio = outlier_ratio(ranges)
+        out["input_outlier_ratio"] = ratio
+        if outlier_limit and ratio > outlier_limit:
+            out["reason"] = (f"its input (the final norm's output) reaches {ratio:.1f} x past its 99.99th "
+                             f"percentile (limit {outlier_limit:g})")
+        else:
+            out.update(dtype="int8", weights="int8 symmetric, one scale per vocabulary row, round-to-nearest")
+    return out
 
 
 # ---- attention scores ------------------------------------------------------------------------

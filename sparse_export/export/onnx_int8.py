@@ -13,8 +13,14 @@ Modules that share an input (q/k/v, gate/up) share one QuantizeLinear. The atten
 per-tensor scales) where the architecture's attention is the standard one (archs.STANDARD_ATTENTION):
 it costs about 0.4% perplexity on SmolLM2 and saves ~12% of the int8 model's time in DeepSparse.
 Softmax and the probabilities x values matmul stay fp32 (uint8 probabilities cost +57% perplexity
-there: the many small probabilities round to zero), as do norms, embeddings, the LM head and the
-Linear layers whose inputs carry massive outliers (see prepare_int8).
+there: the many small probabilities round to zero), as do norms, embeddings and the Linear layers
+whose inputs carry massive outliers (see prepare_int8).
+
+The LM head takes the Linears' form too (by default; --fp32-head keeps it fp32): its weight rounded to
+nearest on an int8 grid with one scale per vocabulary row, its input (the final norm's output) uint8
+with a static per-tensor scale from the same calibration pass. A tied head gets its own int8
+initializer; the embedding's Gather keeps its fp32 table. An outlier-heavy head input (the decoder
+Linears' outlier_ratio test) keeps the head fp32; sparse_export.json's int8.head says which and why.
 
 Weights of a --wbits 8 model are already on their grid: the recorded scales make the int8 values
 exact. Other models are rounded to nearest (per output channel) first.
@@ -33,7 +39,7 @@ from ..pruning.grid import grid_info, int_weight, recorded_scales, round_weights
 from ..pruning.pruners import PRUNERS
 from .graph import ONNX_FILE, digest, load_onnx, match_modules, save_onnx, sparsity_summary, weight_sparsity
 from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, input_quant_errors
-from .int8_calib import recording_attention
+from .int8_calib import grid_head, head_choice, head_is_tied, head_module, recording_attention
 from .int8_calib import outlier_ratio as quant_outlier_ratio
 from .onnx_plain import write_deployment
 from .validate import CHECK_BATCH, CHECK_TOKENS, int8_tolerance, reference_output, validate_plain
@@ -206,7 +212,8 @@ def quantize_attention(proto, attention: dict) -> list[str]:
 def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | None = None,
                  outlier_ratio: float | None = OUTLIER_RATIO, batch: int = 4,
                  stored_dtype: torch.dtype = torch.float32,
-                 attention: bool = True, max_error: float | None = None) -> tuple[dict, dict, dict, str, list[str]]:
+                 attention: bool = True, max_error: float | None = None, head: bool = True,
+                 details: dict | None = None) -> tuple[dict, dict, dict, str, list[str]]:
     """Weight scales, activation qparams, attention qparams, and the modules left in fp32.
 
     Activation ranges are min/max, or clipped to `percentile`. A module whose input reaches more
@@ -217,7 +224,11 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     Puts every weight exactly on its grid in place (a no-op for fp32 --wbits models; 16-bit storage
     is up to 1/4 step off), so `model` becomes the fake-quantized reference together with
     int8_calib.fake_int8. attention=False (or an architecture outside archs.STANDARD_ATTENTION) keeps
-    the score matmuls fp32. Returns (scales, qparams, attention qparams, weight source, fp32 modules).
+    the score matmuls fp32. head: also quantize the LM head (its input range from the same pass, kept fp32
+    by the same outlier / max_error tests; its weight rounded to nearest per vocabulary row and untied
+    from the embedding: int8_calib.grid_head); the scales and qparams then include it. `details`, when
+    given, gets "head": the int8 metadata's head entry (int8_calib.head_choice). Returns (scales, qparams,
+    attention qparams, weight source, fp32 modules: decoder Linears only).
     """
     names = models.prunable_names(model)
     scales = recorded_scales(meta, names)
@@ -230,15 +241,29 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     rest = [n for n in names if n not in scales]
     scales.update(round_weights(model, 8, True, rest))
     source = "recorded" if not rest else ("round-to-nearest" if len(rest) == len(names) else "mixed")
-    with recording_attention(model, attention) as attn_ranges:    # one calibration pass for both
-        ranges = activation_ranges(model, windows, names, batch=batch, percentile=percentile or 99.99)
+    hn = head_module(model)
+    tied = hn is not None and head_is_tied(model, hn)
+    measured = names + ([hn] if head and hn else [])
+    with recording_attention(model, attention) as attn_ranges:    # one calibration pass for all
+        ranges = activation_ranges(model, windows, measured, batch=batch, percentile=percentile or 99.99)
     fp32 = [n for n in names if outlier_ratio and quant_outlier_ratio(ranges[n]) > outlier_ratio]
     lohi = ("lo", "hi") if percentile else ("min", "max")
     qparams = {n: act_qparams(ranges[n][lohi[0]], ranges[n][lohi[1]]) for n in names if n not in fp32}
+    choice = head_choice(hn, ranges.get(hn), outlier_ratio, tied, requested=head)
+    if choice["dtype"] == "int8":
+        qparams[hn] = act_qparams(ranges[hn][lohi[0]], ranges[hn][lohi[1]])
     if max_error:
         errors = input_quant_errors(model, windows, qparams, batch)
         fp32 = [n for n in names if n in fp32 or errors[n] > max_error]
-        qparams = {n: q for n, q in qparams.items() if n not in fp32}
+        if hn in qparams and errors[hn] > max_error:
+            choice.update(dtype="fp32", reason=f"its int8 input changes its output by {errors[hn]:.2g} "
+                                               f"(relative squared error; --max-error {max_error:g})")
+            choice.pop("weights", None)
+        qparams = {n: q for n, q in qparams.items() if n not in fp32 and (n != hn or choice["dtype"] == "int8")}
+    if choice["dtype"] == "int8":
+        scales[hn] = grid_head(model, hn)
+    if details is not None:
+        details["head"] = choice
     return {n: scales[n] for n in qparams}, qparams, attention_qparams(attn_ranges), source, fp32
 
 
@@ -253,9 +278,17 @@ def read_qparams(meta: dict) -> tuple[dict, dict]:
 
 def write_int8_deployment(model, tokenizer, folder, scales: dict, qparams: dict, attention: dict | None = None,
                           logits: str = "last", seqlen: int = 16, source=None, extra: dict | None = None,
-                          log=print) -> dict:
-    """fp32 deployment folder, then its model.onnx rewritten to the fused int8 form. Returns metadata."""
+                          log=print, head: dict | None = None) -> dict:
+    """fp32 deployment folder, then its model.onnx rewritten to the fused int8 form. Returns metadata.
+
+    The LM head is int8 when its module is in `scales` / `qparams` (prepare_int8's default); `head` is
+    prepare_int8's record of that choice (without it, one is derived from qparams)."""
     t0 = time.perf_counter()
+    head = head_entry(model, qparams, logits, head)
+    hn = head_module(model)
+    if hn is not None and head["dtype"] != "int8":
+        scales = {n: v for n, v in scales.items() if n != hn}
+        qparams = {n: v for n, v in qparams.items() if n != hn}
     meta = write_deployment(model, tokenizer, folder, logits, seqlen, source=source, validate=False,
                             log=lambda *_: None)
     path = Path(folder) / ONNX_FILE
@@ -269,30 +302,53 @@ def write_int8_deployment(model, tokenizer, folder, scales: dict, qparams: dict,
     if problems:                               # the fp32 matrices left: matched by value
         raise UserError(f"the exported weights do not match the model: {problems[0]}")
     for module, row in done.items():          # int8 initializers: named by us, module known
-        weights[row["initializer"]].update(module=module, prunable=True, op="MatMulInteger",
+        weights[row["initializer"]].update(module=module, prunable=module != head["module"], op="MatMulInteger",
                                            transposed=True)
         w = models.weight_2d(model.get_submodule(module))
         if row["zeros"] != int((w == 0).sum()):
             raise UserError(f"{module}: zero count changed in the int8 export")
     meta.update(sparsity_summary(weights), weights=weights, export_s=time.perf_counter() - t0)
     meta["validation"] = validate_int8(model, path, logits, qparams, attention)
-    meta["int8"] = int8_fields(len(done), sorted(set(models.prunable_names(model)) - set(done)), scales, qparams,
-                               attention, extra)
+    linear = len(set(done) - {head["module"]})
+    meta["int8"] = int8_fields(linear, sorted(set(models.prunable_names(model)) - set(done)), scales, qparams,
+                               attention, extra, head)
     write_json(Path(folder) / META_FILE, meta)
-    log(f"exported {len(done)} int8 Linear matmuls and {len(attention)} int8 attention score matmuls at "
+    log(f"exported {linear} int8 Linear matmuls, the LM head in {head['dtype']} and {len(attention)} int8 "
+        f"attention score matmuls at "
         f"{meta['prunable_sparsity']:.1%} sparsity "
         f"(counted in the ONNX file), logits={logits}")
     return meta
 
 
+def head_entry(model, qparams: dict, logits: str, head: dict | None = None) -> dict:
+    """The int8 metadata's "head" entry for a graph written with `logits` from these qparams: `head` (from
+    prepare_int8) as it is, or derived from whether the head's module has activation qparams."""
+    hn = head_module(model)
+    if logits == "none":
+        return head_choice(None, None, None, False) | {"reason": "logits=none: the graph has no LM head"}
+    if head is not None:
+        return head
+    tied = hn is not None and head_is_tied(model, hn)
+    out = head_choice(hn, None, None, tied, requested=False)
+    if hn in qparams:
+        out.update(dtype="int8", reason=None, weights="int8 symmetric, one scale per vocabulary row")
+    else:
+        out["reason"] = "not calibrated"
+    return out
+
+
 def int8_fields(matmul_integer: int, fp32_linear: list, scales: dict, qparams: dict, attention: dict,
-                extra: dict | None = None) -> dict:
-    """The "int8" entry of an INT8 deployment's sparse_export.json."""
+                extra: dict | None = None, head: dict | None = None) -> dict:
+    """The "int8" entry of an INT8 deployment's sparse_export.json. matmul_integer and fp32_linear count the
+    decoder Linears; `head` says how the LM head runs (its qparams, when int8, are among the activations')."""
+    head = head or {"module": None, "dtype": "fp32", "reason": "not recorded"}
+    linear_scales = [s for n, s in scales.items() if n != head["module"]]
     return {
         "form": "QuantizeLinear -> MatMulInteger -> Cast -> Mul [-> Add]",
         "matmul_integer": matmul_integer,
         "fp32_linear": fp32_linear,
-        "weights": grid_info(8, any(len(set(s)) > 1 for s in scales.values()), "see weight_source"),
+        "head": head,
+        "weights": grid_info(8, any(len(set(s)) > 1 for s in linear_scales), "see weight_source"),
         "activations": {"dtype": "uint8", "granularity": "per-tensor", "static": True,
                         "qparams": {n: {"scale": s, "zero_point": z} for n, (s, z) in qparams.items()}},
         "attention": {"score_matmul": "int8" if attention else "fp32", "query": "uint8 per-tensor",
@@ -300,7 +356,7 @@ def int8_fields(matmul_integer: int, fp32_linear: list, scales: dict, qparams: d
                       "qparams": {n: {"query_scale": p["query"][0], "query_zero_point": p["query"][1],
                                       "key_scale": p["key"]} for n, p in attention.items()}},
         "fp32_ops": ("" if attention else "attention score matmuls, ") + "softmax, probabilities x values "
-                    "matmuls, norms, embeddings, LM head, fp32_linear",
+                    "matmuls, norms, embeddings, " + ("" if head["dtype"] == "int8" else "LM head, ") + "fp32_linear",
         **(extra or {}),
     }
 
@@ -344,11 +400,12 @@ def _looks_like_file(source: str) -> bool:
 def export_int8(model_spec, out, calib: str | None = None, nsamples: int | None = None, seqlen: int | None = None,
                 seed: int | None = None, percentile: float | None = None,
                 outlier_ratio: float | None = OUTLIER_RATIO, attention: bool = True, logits: str = "last",
-                trace_seqlen: int = 16, force: bool = False, log=print, max_error: float | None = None) -> dict:
+                trace_seqlen: int = 16, force: bool = False, log=print, max_error: float | None = None,
+                head: bool = True) -> dict:
     """`export onnx --int8`: load MODEL, calibrate activations, write the int8 deployment folder.
 
     Calibration not given here comes from the pruned folder's recipe (int8_calibration). max_error:
-    see prepare_int8."""
+    see prepare_int8. head=False (--fp32-head) keeps the LM head fp32."""
     if max_error is not None and not max_error > 0:
         raise UserError(f"--max-error must be > 0 (a relative squared error, e.g. 0.005), got {max_error}")
     if percentile is not None and not 50 < percentile < 100:
@@ -367,13 +424,15 @@ def export_int8(model_spec, out, calib: str | None = None, nsamples: int | None 
         src_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
         windows = data.calibration_windows(cal["source"], tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"],
                                            model=model)
+        details = {}
         scales, qparams, attn, how, _ = prepare_int8(model, src_meta, windows, percentile, outlier_ratio,
                                                      stored_dtype=stored_dtype, attention=attention,
-                                                     max_error=max_error)
+                                                     max_error=max_error, head=head and logits != "none",
+                                                     details=details)
         extra = {"weight_source": how, "outlier_ratio": outlier_ratio, "max_error": max_error,
                  "calibration": {**cal, "range": f"percentile {percentile}" if percentile else "min/max"},
                  "smooth": (src_meta.get("recipe") or {}).get("smooth")}   # SmoothQuant alpha of the prune
         meta = write_int8_deployment(model, tokenizer, tmp, scales, qparams, attn, logits, trace_seqlen,
-                                     source=model_spec, extra=extra, log=log)
+                                     source=model_spec, extra=extra, log=log, head=details["head"])
     log(f"wrote {out}")
     return meta

@@ -29,6 +29,7 @@ from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out
 from ..outputs import META_FILE, Timer, atomic_dir, library_versions, peak_rss_gib, read_meta, write_json
 from .graph import LOGITS, ONNX_FILE, OPSET, source_fields, sparsity_summary
 from .graph import weight_sparsity
+from .int8_calib import head_choice, head_is_tied, head_module
 from .layer_graph import Template, io_for_layers, layer_nodes
 from .stream_trace import full_name, homogeneous, trace_template
 from .validate import (CHECK_BATCH, CHECK_TOKENS, LOGITS_TOLERANCE, compare, int8_tolerance, kv_graph_logits,
@@ -247,8 +248,10 @@ def _real_dims(t, src, real: list, traced: list) -> list[int]:
     raise UserError(f"cannot size initializer {t.name}: it reshapes {src.param}, whose shape changes")
 
 
-def assemble(t: Template, shared_inits: list, parts: list, n: int, vocab: int | None) -> object:
-    """The graph with the first n layers of `parts` [(nodes, initializers)] and the head after them."""
+def assemble(t: Template, shared_inits: list, parts: list, n: int, vocab: int | None,
+             head: list | None = None) -> object:
+    """The graph with the first n layers of `parts` [(nodes, initializers)] and the head after them (the
+    template's head nodes, or `head` in their place: the INT8 head's rewrite)."""
     from onnx import ModelProto, NodeProto
 
     proto = ModelProto()
@@ -261,7 +264,7 @@ def assemble(t: Template, shared_inits: list, parts: list, n: int, vocab: int | 
     for nodes, _ in parts[:n]:
         g.node.extend(nodes)
     last = t.rename(t.h_out, n - 1)
-    for node in t.head:
+    for node in (t.head if head is None else head):
         c = NodeProto()
         c.CopyFrom(node)
         for j, name in enumerate(c.input):
@@ -322,12 +325,13 @@ def _detached(messages) -> list:
     return out
 
 
-def _check_kv(path, ref: np.ndarray, ids: np.ndarray, n_layers: int, kv: int, d: int, max_length: int) -> dict:
+def _check_kv(path, ref: np.ndarray, ids: np.ndarray, n_layers: int, kv: int, d: int, max_length: int,
+              tolerance: float = LOGITS_TOLERANCE) -> dict:
     """validate.validate_kv for a graph of n_layers: prompt, then one decode step, against `ref`."""
     n = ids.shape[1] - 1
     got = kv_graph_logits(path, ids, n_layers, kv, d, max_length)
     return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
-            **compare(got, ref, LOGITS_TOLERANCE, "the exported KV-cache graph on ONNX Runtime")}
+            **compare(got, ref, tolerance, "the exported KV-cache graph on ONNX Runtime")}
 
 
 def _save_files(model, tokenizer, src, dst, kind: str) -> None:
@@ -350,6 +354,7 @@ class _Run:
 
     def __init__(self, folder, kind: str, logits: str, seqlen: int, max_length: int, int8: dict | None):
         self.folder, self.kind, self.logits, self.max_length, self.int8 = folder, kind, logits, max_length, int8
+        self.quant = int8 is not None and kind in ("int8", "kv")      # int8 weights (the plain or KV-cache graph)
         self.reader = ShardReader(folder)
         self.model = skeleton(folder, self.reader)
         self.stored_dtype = config_dtype(self.model.config, self.reader)
@@ -382,8 +387,9 @@ def export_streamed(model_spec, out, kind: str = "plain", logits: str = "last", 
     """Export the safetensors folder MODEL one layer at a time into the deployment folder `out`.
 
     kind: "plain" (with `logits`), "kv" (the KV-cache graph, `max_length`) or "int8" (plain, with `int8`:
-    {calib, nsamples, seqlen, seed, percentile, outlier_ratio, attention} as onnx_int8.export_int8 takes
-    them). budget: bytes the check of the whole graph may use (else its first layers are checked). Writes
+    {calib, nsamples, seqlen, seed, percentile, outlier_ratio, attention, head} as onnx_int8.export_int8 takes
+    them); "kv" with `int8`: the INT8 KV-cache graph (same calibration and rewrite, attention scores fp32).
+    budget: bytes the check of the whole graph may use (else its first layers are checked). Writes
     the files and metadata the in-memory export writes, plus "streamed". Returns the metadata."""
     folder = local_folder(model_spec)
     if folder is None:
@@ -394,7 +400,8 @@ def export_streamed(model_spec, out, kind: str = "plain", logits: str = "last", 
         raise UserError(f"unknown export kind '{kind}' (plain, kv or int8)")
     if seqlen < 2 or (kind == "kv" and max_length < 2):
         raise UserError("--seqlen and --max-length must be at least 2")
-    if kind == "int8":
+    quant = int8 is not None and kind in ("int8", "kv")
+    if quant:
         p, r = int8.get("percentile"), int8.get("outlier_ratio")
         if p is not None and not 50 < p < 100:
             raise UserError(f"--percentile must be in (50, 100), got {p}")
@@ -402,7 +409,7 @@ def export_streamed(model_spec, out, kind: str = "plain", logits: str = "last", 
             raise UserError(f"--outlier-ratio must be >= 0 (0: quantize every layer), got {r}")
     t0 = time.perf_counter()
     cal = None
-    if kind == "int8":
+    if quant:
         from .onnx_int8 import int8_calibration
 
         cal = int8_calibration(model_spec, int8.get("calib"), int8.get("nsamples"), int8.get("seqlen"),
@@ -455,14 +462,20 @@ def _export_layers(run: _Run, datafile: DataFile, cal: dict | None, budget: int,
     written, shared_params = {}, {n: s for n, s in run.sources.items() if n not in t.layer_inits}
     extra = {"modules": {}, "zeros": {}}
 
+    def write_one(name, src):
+        x = next(i for i in t.proto.graph.initializer if i.name == name)
+        dims = _real_dims(x, src, list(model.state_dict(keep_vars=True)[src.param].shape),
+                          run.trace_shapes[src.param])
+        written[name] = datafile.put_tensor(name, model.state_dict(keep_vars=True)[src.param], src.transposed, dims)
+
+    # the INT8 head's weight is written after the layers, once its calibration says int8 or fp32
+    head_node = _head_matmul(run) if run.quant and run.int8.get("head", True) else None
+
     def write_shared(group):
         for name, src in shared_params.items():
-            if name not in written and run.shared_param_group(src.param) == group:
-                x = next(i for i in t.proto.graph.initializer if i.name == name)
-                dims = _real_dims(x, src, list(model.state_dict(keep_vars=True)[src.param].shape),
-                                  run.trace_shapes[src.param])
-                written[name] = datafile.put_tensor(name, model.state_dict(keep_vars=True)[src.param],
-                                                    src.transposed, dims)
+            if name not in written and run.shared_param_group(src.param) == group and \
+                    (head_node is None or name != head_node.input[1]):
+                write_one(name, src)
 
     # the tensors before the first layer: the embeddings' initializers, the first layer's inputs
     _load(model, run.reader, layout.rest)
@@ -470,7 +483,7 @@ def _export_layers(run: _Run, datafile: DataFile, cal: dict | None, budget: int,
     ids, mask = _check_ids(run)
     streams = {"fp32": _capture(model, ids)}
     calib = None
-    if run.kind == "int8":
+    if run.quant:
         from .int8_calib import recording_attention
         from .stream_int8 import LayerCalibration
 
@@ -483,7 +496,7 @@ def _export_layers(run: _Run, datafile: DataFile, cal: dict | None, budget: int,
             streams["int8"] = _capture(model, ids)
     release(model, layout.rest)
 
-    layer_bytes = sum(4 * p.numel() for p in run.layers.parameters()) // (4 if run.kind == "int8" else 1)
+    layer_bytes = sum(4 * p.numel() for p in run.layers.parameters()) // (4 if run.quant else 1)
     estimate = layer_bytes + sum(4 * p.numel() for p in model.parameters()) - 4 * sum(
         p.numel() for p in run.layers.parameters())
     check_layers = n_layers if CHECK_FACTOR * estimate <= budget else min(CHECK_LAYERS, n_layers)
@@ -500,6 +513,8 @@ def _export_layers(run: _Run, datafile: DataFile, cal: dict | None, budget: int,
         attn_names = [n for n in attention if n.startswith(prefix)]
         if calib is not None:
             scales, qparams, attn, _ = calib.layer(i, names, attn_names)
+            if run.kind == "kv":
+                attn = {}               # the KV-cache graph keeps its score matmuls fp32 (onnx_kv.py)
             scales_all.update(scales)
             qparams_all.update(qparams)
             attention_all.update(attn)
@@ -544,15 +559,41 @@ def _export_layers(run: _Run, datafile: DataFile, cal: dict | None, budget: int,
     tie_missing(model)
     _placeholders(model, {**layout.rest, **layout.head}.keys() - after.keys())
     write_shared("head")
-    missing = [n for n in shared_params if n not in written]
+    head_nodes, head_inits, head_q = None, [], {}
+    hn = head_module(model)
+    tied = hn is not None and head_is_tied(model, hn)
+    if calib is not None:
+        def run_head(hidden):
+            with _replayed(model, hidden, tuple_out):
+                model(input_ids=torch.zeros(hidden.shape[:2], dtype=torch.long), use_cache=False)
+
+        requested = head_node is not None
+        head_s, head_q, head_entry = calib.head(hn if requested else None, run_head, tied, requested)
+        if run.logits == "none":
+            head_entry = head_choice(None, None, None, False) | {"reason": "logits=none: the graph has no LM head"}
+        elif not requested:
+            head_entry = head_choice(hn, None, None, tied, requested=False)
+            if run.int8.get("head", True):
+                head_entry["reason"] = "no LM head MatMul found in the traced graph"
+        if head_q:
+            head_nodes, head_inits, row = _int8_head(run, head_node, hn, head_s, head_q)
+            for x in head_inits:
+                datafile.put_proto(x)
+            int8_done[row["initializer"]] = hn
+            scales_all.update(head_s)
+            qparams_all.update(head_q)
+        elif head_node is not None:
+            write_one(head_node.input[1], run.sources[head_node.input[1]])
+        extra["head"] = head_entry
+    missing = [n for n in shared_params if n not in written and not (head_q and n == head_node.input[1])]
     if missing:
         raise UserError(f"initializer {missing[0]} was not written")
-    extra.update(_references(run, streams, ids, mask, tuple_out))
+    extra.update(_references(run, streams, ids, mask, tuple_out, head_q))
     release(model, {**layout.rest, **layout.head})
 
     shared_inits = []
     for x in t.proto.graph.initializer:
-        if x.name in t.layer_inits:
+        if x.name in t.layer_inits or (head_nodes is not None and x.name == head_node.input[1]):
             continue
         if x.name in written:
             shared_inits.append(written[x.name])
@@ -560,19 +601,62 @@ def _export_layers(run: _Run, datafile: DataFile, cal: dict | None, budget: int,
             datafile.put_proto(x)        # a constant of the graph
             shared_inits.append(x)
     vocab = run.vocab if run.logits != "none" or run.kind == "kv" else None
-    proto = assemble(t, shared_inits, parts, n_layers, vocab)
+    shared_inits += head_inits
+    proto = assemble(t, shared_inits, parts, n_layers, vocab, head_nodes)
     extra.update(parts=parts, calibration=cal, shared_inits=shared_inits, vocab=vocab, ids=ids, mask=mask,
+                 head_nodes=head_nodes,
                  int8_done=int8_done, scales=scales_all, qparams=qparams_all, attention=attention_all,
                  weight_source=calib.weight_source() if calib else None, data_bytes=datafile.bytes,
                  peak_memory_gib=peak_rss_gib())
     return proto, check_layers, extra
 
 
-def _references(run: _Run, streams: dict, ids: np.ndarray, mask: np.ndarray, tuple_out: bool) -> dict:
-    """Torch's output for the check tokens after the layers that ran (the model's own head)."""
+def _head_matmul(run: _Run):
+    """The template's LM head MatMul / Gemm (reading the head weight, transposed), or None (no head)."""
+    hn = head_module(run.model)
+    if hn is None or run.logits == "none":
+        return None
+    emb = run.model.get_input_embeddings()
+    params = {f"{hn}.weight"} | {f"{n}.weight" for n, m in run.model.named_modules() if m is emb}
+    for node in run.template.head:
+        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1 and node.input[1] in run.sources:
+            src = run.sources[node.input[1]]
+            if src.param in params and src.transposed:
+                return node
+    return None
+
+
+def _int8_head(run: _Run, node, module: str, scales: dict, qparams: dict) -> tuple[list, list, dict]:
+    """The head's MatMul rewritten into the int8 form by onnx_int8.quantize_graph (as in memory), its weight
+    (on its grid) from the model: (the head's nodes with the rewrite in place, new initializers, the row
+    quantize_graph returns)."""
+    from onnx import ModelProto, numpy_helper
+
+    from .onnx_int8 import quantize_graph
+
+    w = run.model.get_submodule(module).weight.detach().float()
+    part = ModelProto()
+    part.graph.node.append(node)
+    part.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.t().numpy()), node.input[1]))
+    done = quantize_graph(part, run.model, scales, qparams)
+    rewritten = _detached(part.graph.node)
+    nodes = []
+    for n in run.template.head:
+        nodes += rewritten if n is node else [n]
+    inits = _detached(x for x in part.graph.initializer if x.name != node.input[1])
+    return nodes, inits, done[module]
+
+
+def _references(run: _Run, streams: dict, ids: np.ndarray, mask: np.ndarray, tuple_out: bool,
+                head_qparams: dict | None = None) -> dict:
+    """Torch's output for the check tokens after the layers that ran (the model's own head; the int8 stream
+    with the head's input fake-quantized when the head is int8)."""
+    from .int8_calib import fake_quantized_inputs
+
     out = {}
     for name, (hidden, _) in streams.items():
-        with _replayed(run.model, hidden, tuple_out):
+        with _replayed(run.model, hidden, tuple_out), \
+                fake_quantized_inputs(run.model, head_qparams if name == "int8" else {}):
             if run.kind == "kv":
                 out[name] = run.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.float().numpy()
             else:
@@ -589,13 +673,17 @@ def _validate(run: _Run, tmp: Path, check_layers: int, extra: dict) -> dict:
         import onnx
 
         path = tmp / "_check.onnx"
-        onnx.save_model(assemble(run.template, extra["shared_inits"], extra["parts"], check_layers, extra["vocab"]),
-                        str(path))
+        onnx.save_model(assemble(run.template, extra["shared_inits"], extra["parts"], check_layers, extra["vocab"],
+                                 extra["head_nodes"]), str(path))
     try:
         ref = extra["reference"]
         if run.kind == "kv":
             _, kv, d = run.arch.cache_shape(run.model.config)
-            result = _check_kv(path, ref["fp32"], extra["ids"], check_layers, kv, d, run.max_length)
+            if run.quant:
+                result = _check_kv(path, ref["int8"], extra["ids"], check_layers, kv, d, run.max_length,
+                                   int8_tolerance(ref["int8"], ref["fp32"]))
+            else:
+                result = _check_kv(path, ref["fp32"], extra["ids"], check_layers, kv, d, run.max_length)
         elif run.kind == "int8":
             tol = int8_tolerance(ref["int8"], ref["fp32"])
             result = validate_plain(run.model, path, run.logits, reference=ref["int8"], tolerance=tol,
@@ -630,8 +718,9 @@ def _label(weights: dict, extra: dict) -> None:
         if name in extra["zeros"] and weights[name]["zeros"] != extra["zeros"][name]:
             raise UserError(f"{module}: the ONNX file holds {weights[name]['zeros']} zeros, the model "
                             f"{extra['zeros'][name]}")
+    head = (extra.get("head") or {}).get("module")
     for name, module in extra["int8_done"].items():
-        weights[name].update(module=module, prunable=True, op="MatMulInteger", transposed=True)
+        weights[name].update(module=module, prunable=module != head, op="MatMulInteger", transposed=True)
 
 
 def _meta(run: _Run, folder: Path, source, summary: dict, weights: dict, validation: dict, extra: dict,
@@ -647,17 +736,28 @@ def _meta(run: _Run, folder: Path, source, summary: dict, weights: dict, validat
         from .onnx_kv import kv_meta
 
         _, kv, d = run.arch.cache_shape(config)
-        return {**kv_meta(config, len(run.layers), kv, d, run.max_length), "source_model": str(source), **common,
+        meta = {**kv_meta(config, len(run.layers), kv, d, run.max_length), "source_model": str(source), **common,
                 "timing": {"load_s": timing["prepare_s"], "export_s": timing["export_s"]}}
+        if run.quant:
+            from .onnx_kv import kv_int8_fields
+
+            opts = run.int8
+            meta["int8"] = kv_int8_fields(run.model, {m: None for m in extra["int8_done"].values()}, {
+                "scales": extra["scales"], "qparams": extra["qparams"], "head": extra["head"],
+                "weight_source": extra["weight_source"], "outlier_ratio": opts.get("outlier_ratio"),
+                "max_error": opts.get("max_error"), "percentile": opts.get("percentile"),
+                "smooth": (read_meta(run.folder).get("recipe") or {}).get("smooth"),
+                "calibration": extra["calibration"]})
+        return meta
     from .onnx_plain import plain_fields
 
     meta = {**plain_fields(config, run.logits, seqlen, True), **common, "export_s": timing["export_s"],
             **source_fields(source, folder)}
-    if run.kind == "int8":
+    if run.quant:
         from .onnx_int8 import int8_fields
 
         opts, cal = run.int8, extra["calibration"]
-        quantized = set(extra["int8_done"].values())
+        quantized = set(extra["int8_done"].values()) - {extra["head"]["module"]}
         fp32 = sorted(n for n in models.prunable_names(run.model) if n not in quantized)
         meta["int8"] = int8_fields(len(quantized), fp32, extra["scales"], extra["qparams"], extra["attention"],
                                    {"weight_source": extra["weight_source"], "outlier_ratio": opts.get("outlier_ratio"),
@@ -665,5 +765,5 @@ def _meta(run: _Run, folder: Path, source, summary: dict, weights: dict, validat
                                                     if opts.get("percentile") else "min/max"},
                                     # SmoothQuant alpha of the prune, as the in-memory export records it
                                     "smooth": (read_meta(run.folder).get("recipe") or {}).get("smooth"),
-                                    "max_error": opts.get("max_error")})
+                                    "max_error": opts.get("max_error")}, extra["head"])
     return meta

@@ -6,7 +6,8 @@ For each layer, as it is read: its Linear weights are put on their int8 grid (th
 hidden states run through it with int8_calib.activation_ranges measuring the inputs of its Linear
 modules (and recording_attention the query and key of its attention), and its outputs become the next
 layer's inputs. The windows are split into the same batches as the in-memory pass, each layer runs
-the same code on the same inputs, so the ranges are the in-memory ones.
+the same code on the same inputs, so the ranges are the in-memory ones. After the last layer, the LM
+head's input (the final norm of the last layer's outputs) is measured the same way (head()).
 """
 
 import torch
@@ -14,7 +15,8 @@ import torch
 from .. import models
 from ..layerwise import capture_first_layer_inputs, layer_out
 from ..pruning.grid import int_weight, recorded_scales, round_weights
-from .int8_calib import act_qparams, activation_ranges, attention_qparams, recording_attention
+from .int8_calib import act_qparams, activation_ranges, attention_qparams, grid_head, head_choice
+from .int8_calib import recording_attention
 from .int8_calib import outlier_ratio as quant_outlier_ratio
 
 CALIB_BATCH = 4   # windows per forward (prepare_int8's batch)
@@ -35,6 +37,21 @@ class _OneLayer:
     def __call__(self, input_ids, **_):
         c = int(input_ids[0, 0]) // self.batch
         self.outputs[c] = layer_out(self.layer(self.inputs[c], **self.kwargs[c]))
+
+
+class _Head:
+    """What activation_ranges needs of a model for the part after the layers: get_submodule, and a call that
+    runs `run_head` (the model's own code after its decoder layers) on the stored last-layer outputs of
+    the windows whose indices it is given as input_ids."""
+
+    def __init__(self, model, run_head, inputs: list, batch: int):
+        self.model, self.run_head, self.inputs, self.batch = model, run_head, inputs, batch
+
+    def get_submodule(self, name):
+        return self.model.get_submodule(name)
+
+    def __call__(self, input_ids, **_):
+        self.run_head(self.inputs[int(input_ids[0, 0]) // self.batch])
 
 
 class LayerCalibration:
@@ -86,6 +103,23 @@ class LayerCalibration:
         qparams = {n: act_qparams(ranges[n][lo], ranges[n][hi]) for n in names if n not in fp32}
         attn = attention_qparams({n: attn_ranges[n] for n in attention_names}) if self.attention else {}
         return {n: scales[n] for n in qparams}, qparams, attn, fp32
+
+    def head(self, name: str | None, run_head, tied: bool, requested: bool) -> tuple[dict, dict, dict]:
+        """After the last layer: the LM head's input range (run_head(hidden) runs the model's own norm and
+        head on the last layer's outputs), the int8-or-fp32 choice (as prepare_int8 makes it) and, when
+        int8, the head's weight put on its per-row grid in place (untied). Returns (weight scales, qparams,
+        the metadata's head entry); the first two are empty when the head stays fp32."""
+        if name is None or not requested:
+            return {}, {}, head_choice(name, None, None, tied, requested=False)
+        run = _Head(self.model, run_head, self.inputs, CALIB_BATCH)
+        index = torch.arange(self.windows.shape[0]).reshape(-1, 1)
+        ranges = activation_ranges(run, index, [name], batch=CALIB_BATCH, percentile=self.percentile or 99.99)
+        choice = head_choice(name, ranges[name], self.outlier_ratio, tied)
+        if choice["dtype"] != "int8":
+            return {}, {}, choice
+        lo, hi = ("lo", "hi") if self.percentile else ("min", "max")
+        qparams = {name: act_qparams(ranges[name][lo], ranges[name][hi])}
+        return {name: grid_head(self.model, name)}, qparams, choice
 
     def weight_source(self) -> str:
         """"recorded", "round-to-nearest" or "mixed" (as prepare_int8 reports it)."""

@@ -116,9 +116,12 @@ def _output64(model, logits: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarr
         return ExportModule(model, logits).eval()(torch.from_numpy(ids), torch.from_numpy(mask)).double().numpy()
 
 
-def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOLERANCE) -> dict:
+def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOLERANCE,
+                qparams: dict | None = None) -> dict:
     """Run a KV-cache graph on ONNX Runtime: a prompt with an empty cache, then one decode step with the
-    cache it returned; both against the full-sequence torch logits of the same tokens."""
+    cache it returned; both against the full-sequence torch logits of the same tokens. qparams (an INT8
+    KV-cache graph's Linear input qparams): the reference is the model with those inputs fake-quantized
+    (int8_calib.fake_int8) and the tolerance int8_tolerance."""
     n = max(1, min(CHECK_TOKENS, max_length - 1))
     ids = random_tokens(model.config.vocab_size, 1, n + 1)[0]
 
@@ -128,6 +131,14 @@ def validate_kv(model, onnx_file, max_length: int, tolerance: float = LOGITS_TOL
 
     ref = logits_of(model).astype(np.float32)
     got = kv_graph_logits(onnx_file, ids, *cache_spec(model), max_length)
+    if qparams is not None:
+        from .int8_calib import fake_int8
+
+        with fake_int8(model, qparams):
+            fake = logits_of(model).astype(np.float32)
+        return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
+                "reference": "torch with the graph's integer weights and fake-quantized Linear inputs",
+                **compare(got, fake, int8_tolerance(fake, ref), "the exported INT8 KV-cache graph on ONNX Runtime")}
     return {"runtime": "onnxruntime", "inputs": f"{n} random prompt tokens (seed 0) + 1 decode step",
             **compare_fp32(got, ref, model, logits_of, tolerance, "the exported KV-cache graph on ONNX Runtime")}
 

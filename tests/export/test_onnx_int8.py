@@ -20,7 +20,7 @@ from sparse_export.pruning.jobs import prune
 from sparse_export.export.onnx_int8 import export_int8, read_qparams
 from sparse_export.outputs import read_meta
 from sparse_export.pruning.recipe import Recipe
-from sparse_export.export.int8_calib import activation_ranges, fake_int8, outlier_ratio
+from sparse_export.export.int8_calib import activation_ranges, fake_int8, grid_head, head_module, outlier_ratio
 
 RTOL = 1e-3
 QUIET = dict(log=lambda *a: None)
@@ -58,6 +58,8 @@ def fake_quant_logits(folder, deploy, ids, meta=None):
         from sparse_export.pruning.grid import round_weights
 
         round_weights(model)
+    if meta["int8"]["head"]["dtype"] == "int8":       # the LM head: its own per-row grid (untied)
+        grid_head(model, meta["int8"]["head"]["module"])
     with torch.no_grad(), fake_int8(model, qp, attn):
         return model(input_ids=torch.from_numpy(ids)).logits.numpy()
 
@@ -81,7 +83,8 @@ def test_graph_uses_the_fused_form(case, int8_dirs):
     meta = read_meta(deploy)["int8"]
     assert meta["fp32_linear"] == []                          # tiny random models: no outliers
     assert sorted(meta["attention"]["qparams"]) == sorted(attention)
-    assert ops["MatMulInteger"] == len(names) + len(attention)
+    assert meta["head"]["dtype"] == "int8" and meta["head"]["reason"] is None
+    assert ops["MatMulInteger"] == len(names) + len(attention) + 1      # + the LM head
     assert ops["DequantizeLinear"] == 0 and ops["QLinearMatMul"] == 0
     assert ops["Softmax"] >= 2                               # softmax stays fp32
     inits = {t.name: t for t in g.initializer}
@@ -106,12 +109,14 @@ def test_graph_uses_the_fused_form(case, int8_dirs):
             assert after.op_type in ("Mul", "Add", "Softmax")
         scores += 1
     assert scores == len(attention)
-    # the only fp32 matrix left in a MatMul is the LM head; the other attention matmul reads no weights
+    # no fp32 matrix is left in a MatMul (the LM head is int8 too); the other attention matmul reads no weights
     fp32_weights = [n for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]
-    assert len(fp32_weights) == 1
-    # per-tensor weight scales give a scalar rescale (attention's rescale is always a scalar)
-    muls = [numpy_helper.to_array(inits[n.input[1]]) for n in g.node
-            if n.op_type == "Mul" and n.input[1].endswith(".rescale") and ".scores." not in n.input[1]]
+    assert len(fp32_weights) == 0
+    # per-tensor weight scales give a scalar rescale (attention's rescale is always a scalar); the head's
+    # is per vocabulary row
+    head = meta["head"]["module"]
+    muls = [numpy_helper.to_array(inits[n.input[1]]) for n in g.node if n.op_type == "Mul"
+            and n.input[1].endswith(".rescale") and ".scores." not in n.input[1] and not n.input[1].startswith(head)]
     assert len(muls) == len(names)
     assert all((m.ndim == 0) == (case == "opt-per-tensor") for m in muls)
 
@@ -197,8 +202,10 @@ def test_outlier_layers_stay_fp32(int8_dirs, text_file, tmp_path):
     assert meta["int8"]["attention"]["score_matmul"] == "fp32" and not meta["int8"]["attention"]["qparams"]
     assert 0 < len(fp32) < len(names)
     ops = Counter(n.op_type for n in load_graph(deploy).graph.node)
-    assert ops["MatMulInteger"] == len(names) - len(fp32) == meta["int8"]["matmul_integer"]
-    assert set(meta["int8"]["activations"]["qparams"]) == set(names) - set(fp32)
+    head = [meta["int8"]["head"]["module"]] if meta["int8"]["head"]["dtype"] == "int8" else []
+    assert ops["MatMulInteger"] == len(names) - len(fp32) + len(head)
+    assert meta["int8"]["matmul_integer"] == len(names) - len(fp32)
+    assert set(meta["int8"]["activations"]["qparams"]) == set(names) - set(fp32) | set(head)
     assert meta["prunable_matrices"] == len(names) and meta["prunable_sparsity"] >= 0.5
     ids, mask = inputs()
     out = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24).run(ids, mask)
@@ -244,7 +251,9 @@ def test_cli_export_int8_max_error(int8_dirs, text_file, tmp_path):
 
 
 @pytest.mark.parametrize("args,words", [
-    (["--int8", "--kv-cache"], "--kv-cache"),
+    (["--int8", "--kv-cache", "--no-stream", "--percentile", "30"], "--percentile"),   # the INT8 KV-cache graph
+    (["--int8", "--kv-cache", "--no-stream", "--calib", "no/such/file.txt"], "not found"),
+    (["--fp32-head"], "--int8 only"),
     (["--nsamples", "4"], "--int8 only"),
     (["--int8", "--calib", "no/such/file.txt"], "not found"),
     (["--int8", "--percentile", "30"], "--percentile"),
@@ -335,3 +344,99 @@ def test_prune_and_export_int8_report(tiny_dirs, text_file, tmp_path, capsys, ma
     side = md.split("## Side by side")[1].split("##")[0]  # perplexity and speed of the three models together
     assert [line.split("|")[1].strip() for line in side.strip().splitlines()[2:5]] == ["dense", "sparse", "int8"]
     assert f"| {report['verify']['perplexity']['int8']['perplexity']:.2f} |" in side
+
+
+# ---- the LM head -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("case", ["llama", "opt-per-tensor", "gpt2"])
+def test_lm_head_is_int8_with_per_row_scales(case, int8_dirs):
+    """The head's MatMul reads its own int8 initializer (vocab rows on a round-to-nearest grid, one scale
+    per row); a tied model's embedding Gather keeps the fp32 table."""
+    from onnx import numpy_helper
+
+    folder, deploy = int8_dirs[case]
+    model, _ = models.load_model(folder)
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tied == (case != "llama")                     # opt and gpt2 tie their embeddings
+    embedding = model.get_input_embeddings().weight.detach().numpy().copy()
+    meta = read_meta(deploy)["int8"]
+    hn = head_module(model)
+    assert meta["head"] | {"input_outlier_ratio": 0} == {
+        "module": hn, "tied_embeddings": tied, "dtype": "int8", "reason": None, "input_outlier_ratio": 0,
+        "weights": "int8 symmetric, one scale per vocabulary row, round-to-nearest"}
+    assert hn in meta["activations"]["qparams"]
+    assert "LM head" not in meta["fp32_ops"]
+    g = load_graph(deploy).graph
+    inits = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+    node = next(n for n in g.node if n.op_type == "MatMulInteger" and n.input[1] == f"{hn}.weight_int8")
+    ints = inits[node.input[1]]
+    assert ints.dtype == np.int8 and ints.shape == (model.config.hidden_size, model.config.vocab_size)
+    grid_head(model, hn)
+    W = models.weight_2d(model.get_submodule(hn)).numpy()            # vocab x hidden, on its grid
+    scale = np.abs(W).max(axis=1) / 127
+    assert np.allclose(ints.T.astype(np.float32) * scale[:, None], W, atol=1e-6 * np.abs(W).max())
+    assert np.abs(ints).max() == 127
+    rescale = inits[f"{hn}.rescale"]
+    assert rescale.shape == (model.config.vocab_size,)
+    gathers = [n for n in g.node if n.op_type == "Gather" and n.input[0] in inits and inits[n.input[0]].ndim == 2]
+    tables = [inits[n.input[0]] for n in gathers if inits[n.input[0]].shape == embedding.shape]
+    assert len(tables) == 1 and tables[0].dtype == np.float32 and np.array_equal(tables[0], embedding)
+    row = read_meta(deploy)["weights"][f"{hn}.weight_int8"]
+    assert row["module"] == hn and row["op"] == "MatMulInteger" and not row["prunable"]
+
+
+def test_fp32_head_flag_keeps_the_head_fp32(int8_dirs, text_file, tmp_path):
+    """--fp32-head: the head stays an fp32 MatMul, recorded in the metadata; the rest is as before."""
+    from sparse_export.cli.main import main
+    from sparse_export.runtimes import get_runtime
+
+    folder, _ = int8_dirs["opt-per-tensor"]
+    out = tmp_path / "d"
+    assert main(["export", "onnx", str(folder), "--int8", "--fp32-head", "--logits", "all", "--out", str(out),
+                 "--calib", str(text_file), "--nsamples", "4", "--calib-seqlen", "64"]) == 0
+    meta = read_meta(out)
+    model, _ = models.load_model(folder)
+    hn = head_module(model)
+    assert meta["int8"]["head"]["dtype"] == "fp32" and meta["int8"]["head"]["reason"] == "--fp32-head"
+    assert hn not in meta["int8"]["activations"]["qparams"] and "LM head" in meta["int8"]["fp32_ops"]
+    g = load_graph(out).graph
+    inits = {t.name for t in g.initializer}
+    ops = Counter(n.op_type for n in g.node)
+    assert ops["MatMulInteger"] == len(models.prunable_names(model)) + len(models.attention_names(model))
+    assert len([n for n in g.node if n.op_type in ("MatMul", "Gemm") and n.input[1] in inits]) == 1
+    ids, mask = inputs()
+    got = get_runtime("onnxruntime")(out, batch=2, seqlen=24).run(ids, mask)
+    ref = fake_quant_logits(folder, out, ids)
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+    assert main(["export", "onnx", str(folder), "--fp32-head", "--out", str(tmp_path / "e")]) != 0
+
+
+def test_head_with_outlier_inputs_stays_fp32(int8_dirs, text_file, tmp_path):
+    """The decoder Linears' outlier test applies to the head: past the limit it stays fp32, and says why."""
+    folder, _ = int8_dirs["llama"]
+    meta = export_int8(folder, tmp_path / "d", calib=str(text_file), nsamples=4, seqlen=64, logits="all",
+                       outlier_ratio=1.0, **QUIET)["int8"]
+    assert meta["head"]["dtype"] == "fp32" and "99.99th percentile" in meta["head"]["reason"]
+    assert meta["head"]["input_outlier_ratio"] > 1.0 and "LM head" in meta["fp32_ops"]
+    assert meta["head"]["module"] not in meta["activations"]["qparams"]
+
+
+def test_head_int8_costs_little_against_fp32_head(int8_dirs, text_file, tmp_path):
+    """The int8 head moves the logits by about what the int8 Linears do, not more: the graph with it stays
+    within the int8 tolerance of the fake-quantized torch model that keeps the head fp32."""
+    from sparse_export.export.validate import int8_tolerance
+    from sparse_export.runtimes import get_runtime
+
+    folder, deploy = int8_dirs["llama"]
+    ids, mask = inputs()
+    got = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24).run(ids, mask)
+    meta = read_meta(deploy)
+    ref = fake_quant_logits(folder, deploy, ids)
+    meta["int8"]["head"]["dtype"] = "fp32"
+    meta["int8"]["activations"]["qparams"].pop(meta["int8"]["head"]["module"])
+    fp32_head = fake_quant_logits(folder, deploy, ids, meta=meta)
+    model, _ = models.load_model(folder)
+    with torch.no_grad():
+        fp32 = model(input_ids=torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(got - ref).max() <= RTOL * np.abs(ref).max()
+    assert 0 < np.abs(got - fp32_head).max() <= int8_tolerance(ref, fp32)

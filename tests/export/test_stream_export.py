@@ -134,28 +134,40 @@ def int8_pairs(tiny_dirs, text_file, tmp_path_factory):
     root = tmp_path_factory.mktemp("stream-int8")
     calib = dict(calib=str(text_file), nsamples=4, seqlen=64)
     out = {}
-    cases = [("llama", "llama", dict(wbits=8)), ("opt-per-tensor", "opt", dict(wbits=8, per_channel=False)),
-             ("gpt2-rounded", "gpt2", {})]
-    for case, arch, recipe in cases:
+    cases = [("llama", "llama", dict(wbits=8), True), ("opt-per-tensor", "opt", dict(wbits=8, per_channel=False), True),
+             ("gpt2-rounded", "gpt2", {}, True), ("opt-fp32-head", "opt", dict(wbits=8), False)]
+    for case, arch, recipe, head in cases:
         folder = root / case
         prune(tiny_dirs[arch], folder, Recipe(**calib, **recipe), **QUIET)
-        export_int8(folder, root / f"{case}-traced", logits="all", **calib, **QUIET)
+        export_int8(folder, root / f"{case}-traced", logits="all", head=head, **calib, **QUIET)
         export_streamed(folder, root / f"{case}-streamed", kind="int8", logits="all", progress=False,
-                        int8={**calib, "outlier_ratio": OUTLIER_RATIO, "attention": True}, **QUIET)
+                        int8={**calib, "outlier_ratio": OUTLIER_RATIO, "attention": True, "head": head}, **QUIET)
         out[case] = folder, root / f"{case}-traced", root / f"{case}-streamed"
     return out
 
 
-@pytest.mark.parametrize("case", ["llama", "opt-per-tensor", "gpt2-rounded"])
+@pytest.mark.parametrize("case", ["llama", "opt-per-tensor", "gpt2-rounded", "opt-fp32-head"])
 def test_int8_graph_equals_the_traced_int8_export(case, int8_pairs):
     from sparse_export import models
     from sparse_export.export.onnx_int8 import read_qparams
-    from sparse_export.export.int8_calib import fake_int8
+    from sparse_export.export.int8_calib import fake_int8, grid_head
 
     folder, traced, streamed = int8_pairs[case]
     ms, mt = read_meta(streamed), read_meta(traced)
     assert ms["int8"] == mt["int8"]                   # same activation ranges, scales, weight source, fp32 list
     assert ms["int8"]["matmul_integer"] > 0
+    head = ms["int8"]["head"]                         # the LM head: int8 unless --fp32-head, same bytes
+    assert head["dtype"] == ("fp32" if case == "opt-fp32-head" else "int8")
+    assert head["tied_embeddings"] == case.startswith(("opt", "gpt2"))
+    a, b = initializers(streamed), initializers(traced)
+    if head["dtype"] == "int8":
+        for suffix in (".weight_int8", ".rescale", ".input_quant.scale", ".input_quant.zero_point"):
+            name = head["module"] + suffix
+            assert digest(a[name]) == digest(b[name]), name
+        assert a[head["module"] + ".weight_int8"].dtype == np.int8
+        assert ms["weights"][head["module"] + ".weight_int8"] == mt["weights"][head["module"] + ".weight_int8"]
+    else:
+        assert not any(n.startswith(head["module"] + ".") for n in a)
     same_weights(streamed, traced)
     rows = [r for r in ms["weights"].values() if r.get("prunable")]
     assert rows and all(r["op"] == "MatMulInteger" for r in rows)
@@ -168,6 +180,8 @@ def test_int8_graph_equals_the_traced_int8_export(case, int8_pairs):
         from sparse_export.pruning.grid import round_weights
 
         round_weights(model)
+    if head["dtype"] == "int8":
+        grid_head(model, head["module"])
     with torch.no_grad():
         fp32 = model(input_ids=torch.from_numpy(ids)).logits.numpy()
         with fake_int8(model, *read_qparams(ms)):
