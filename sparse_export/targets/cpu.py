@@ -97,8 +97,8 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
             gen_skip = load_dense(run)
             prune_step(run)
             deploy(run)
-        if gen_skip is None and plan.skip_fp32:
-            gen_skip = "the KV-cache graphs are fp32, and the fp32 graphs are left out"
+        if gen_skip is None and plan.skip_fp32 and not plan.streamed:
+            gen_skip = "INT8 KV-cache graphs are made on the streamed path; here the fp32 graphs are left out"
         result = prefill_step(run)
         report = _report_dict(run, result)
         report["generate"] = generation_results(run, gen_skip)
@@ -106,7 +106,8 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
         report = relocate(report, run.tmp)                        # paths relative to the output folder
         relocate_meta_files(run.tmp, Path(out).resolve())         # the deployments' own JSON: final paths
         write_report(run.tmp, _title(run), cpu_sections(report, str(out)), report, plot=PLOT)
-    outputs = ["pruned-model/"] + [f"onnx-{label}/" for label in ("dense", "sparse", "int8") if label in run.folders]
+    outputs = ["pruned-model/"] + [f"onnx-{label}/" for label in ("dense", "dense-int8", "sparse", "int8")
+                                   if label in run.folders]
     outputs += [] if gen_skip else ["dense-kv/", "sparse-kv/", "generate.png"]
     log(f"wrote {out} ({', '.join(outputs + ['report.md', 'report.json', PLOT])})")
     return report
@@ -246,11 +247,13 @@ def streamed_steps(run: _Run) -> str | None:
     run.inputs, run.inputs_note = _text_inputs(o.eval_data or o.recipe.calib, tok, o.bench_batch, o.bench_seqlen,
                                                models.read_config(folder)["vocab_size"])
     _stream_fp32(run, "dense", folder)
+    if run.plan.skip_fp32:   # the baseline: the dense model's INT8 graph (weights rounded per row)
+        _stream_int8(run, folder, "dense-int8")
     prune_step(run)
     pruned_dir = run.tmp / "pruned-model"
     _stream_fp32(run, "sparse", pruned_dir)
     if o.int8:
-        _stream_int8(run, pruned_dir)
+        _stream_int8(run, pruned_dir, "int8")
     return gen_skip
 
 
@@ -268,18 +271,25 @@ def _stream_fp32(run: _Run, label: str, src) -> None:
                                          budget=run.plan.budget, log=run.step_log)
 
 
-def _stream_int8(run: _Run, pruned_dir: Path) -> None:
-    """onnx-int8/ from the pruned folder, streamed: each layer's activation ranges measured as it is read
-    (the calibration of the in-memory path: the recipe's text, at most ACT_NSAMPLES x ACT_SEQLEN tokens)."""
+def _int8_options(run: _Run) -> dict:
+    """The streamed INT8 exports' calibration: the in-memory path's (the recipe's text, at most
+    ACT_NSAMPLES x ACT_SEQLEN tokens)."""
     o, r = run.opts, run.opts.recipe
-    n, L = min(r.nsamples, ACT_NSAMPLES), min(r.seqlen, ACT_SEQLEN)
-    run.log(f"int8: activation ranges from {n} x {L} calibration tokens, one layer at a time")
-    int8 = {"calib": r.calib, "nsamples": n, "seqlen": L, "seed": r.seed, "percentile": None,
-            "outlier_ratio": OUTLIER_RATIO, "attention": not o.fp32_attention}
-    run.folders["int8"] = run.tmp / "onnx-int8"
-    run.exports["int8"] = export_streamed(pruned_dir, run.folders["int8"], kind="int8", logits=o.logits, int8=int8,
-                                          force=True, budget=run.plan.budget, log=run.step_log)
-    if o.eval_data is not None:
+    return {"calib": r.calib, "nsamples": min(r.nsamples, ACT_NSAMPLES), "seqlen": min(r.seqlen, ACT_SEQLEN),
+            "seed": r.seed, "percentile": None, "outlier_ratio": OUTLIER_RATIO, "attention": not o.fp32_attention}
+
+
+def _stream_int8(run: _Run, src: Path, label: str) -> None:
+    """onnx-`label`/ from the folder `src`, streamed: each layer's activation ranges measured as it is read.
+    label "int8": the pruned model; "dense-int8": the dense model, the baseline when the fp32 graphs are
+    left out."""
+    int8 = _int8_options(run)
+    run.log(f"int8 ({label}): activation ranges from {int8['nsamples']} x {int8['seqlen']} calibration tokens, "
+            f"one layer at a time")
+    run.folders[label] = run.tmp / f"onnx-{label}"
+    run.exports[label] = export_streamed(src, run.folders[label], kind="int8", logits=run.opts.logits, int8=int8,
+                                         force=True, budget=run.plan.budget, log=run.step_log)
+    if label == "int8" and run.opts.eval_data is not None:
         run.plan.notes.append("int8 perplexity not measured: it needs the fake-quantized model whole in torch")
 
 
@@ -309,7 +319,8 @@ def prefill_step(run: _Run) -> dict:
     o = run.opts
     streamed = run.plan is not None and run.plan.streamed
     run.log(f"benchmark: {', '.join(run.runtimes)} on {o.bench_batch}x{o.bench_seqlen} tokens")
-    result = benchmark_prefill(run.folders, run.runtimes, baseline="dense" if "dense" in run.folders else None,
+    base = next((b for b in ("dense", "dense-int8") if b in run.folders), None)
+    result = benchmark_prefill(run.folders, run.runtimes, baseline=base,
                                batch=o.bench_batch, seqlen=o.bench_seqlen, warmup=o.warmup, iterations=o.iterations,
                                threads=o.threads, logits=o.logits, inputs=run.inputs, keep_outputs=not streamed,
                                on_crash="record", log=run.log)
@@ -330,10 +341,11 @@ def prefill_step(run: _Run) -> dict:
 
 
 def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opts: CpuOptions,
-                    log=print, budget: int | None = None) -> dict:
+                    log=print, budget: int | None = None, int8: dict | None = None) -> dict:
     """KV-cache graphs of the dense and pruned models (out_dir/dense-kv, out_dir/sparse-kv), decode speed
     on `runtimes` (a crashing engine is retried on one thread, then recorded), out_dir/generate.png.
     budget: export the graphs streamed, one layer at a time, with this check budget (bytes); None: in memory.
+    int8: calibration options: INT8 KV-cache graphs (both models) instead of fp32.
     Returns the generation benchmark's result."""
     out_dir = Path(out_dir)
     log(f"generation benchmark: {', '.join(runtimes)}, {opts.prompt_tokens}-token prompt, "
@@ -341,10 +353,10 @@ def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opt
     folders = {"dense": out_dir / "dense-kv", "sparse": out_dir / "sparse-kv"}
     for src, dst in ((dense_model, folders["dense"]), (sparse_model, folders["sparse"])):
         if budget is None:
-            export_kv_onnx(src, dst, opts.prompt_tokens + opts.new_tokens, force=True, log=log)
+            export_kv_onnx(src, dst, opts.prompt_tokens + opts.new_tokens, force=True, log=log, int8=int8)
         else:
-            export_streamed(src, dst, kind="kv", max_length=opts.prompt_tokens + opts.new_tokens, force=True,
-                            budget=budget, log=log)
+            export_streamed(src, dst, kind="kv", max_length=opts.prompt_tokens + opts.new_tokens, int8=int8,
+                            force=True, budget=budget, log=log)
     result = benchmark_generation(folders, runtimes, "dense", opts.prompt_tokens, opts.new_tokens,
                                   iterations=min(opts.iterations, 3), threads=opts.threads, on_crash="record",
                                   log=log)
@@ -360,9 +372,10 @@ def generation_results(run: _Run, gen_skip: str | None) -> dict:
         run.log(f"generation benchmark skipped: {gen_skip}")
         return {"skipped": gen_skip}
     streamed = run.plan is not None and run.plan.streamed
+    int8 = _int8_options(run) if run.plan is not None and run.plan.skip_fp32 else None
     return generation_step(run.plan.folder if streamed else run.model, run.tmp / "pruned-model", run.tmp,
                            [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log,
-                           budget=run.plan.budget if streamed else None)
+                           budget=run.plan.budget if streamed else None, int8=int8)
 
 
 def _warnings(run: _Run, report: dict) -> list[str]:

@@ -50,6 +50,8 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
                          f"interleaved, CPU {c['cpu']}. Load time (DeepSparse: compilation) is apart from latency. "
                          f"CPU ms: process CPU time per run (all threads); min ms beside the median shows the "
                          f"spread." + ("" if "dense" in r["export"] else
+                                       " The baseline is the dense model's INT8 graph (`onnx-dense-int8/`)."
+                                       if "dense-int8" in r["export"] else
                                        " No dense graph was benchmarked: there is no speedup over dense, and "
                                        "`x dense ORT` is relative to the first model on ONNX Runtime.")
                          + "\n\n" + prefill_table(b) + "\n\n" + trust_line(b["trust"])))
@@ -95,7 +97,11 @@ def _summary(r: dict) -> str:
                "; for WikiText-2 perplexity, rerun with `--eval-data path/to/wiki.test.raw`."))
     if plan.get("skip_fp32"):
         lines.append(f"- fp32 graphs (`onnx-dense/`, `onnx-sparse/`) not exported or benchmarked: "
-                     f"{plan['skip_fp32']}; only `onnx-int8/` is.")
+                     f"{plan['skip_fp32']}; only INT8 graphs are: `onnx-int8/`"
+                     + (" and, as the baseline, the dense model's `onnx-dense-int8/` (its weights rounded per row)"
+                        if "dense-int8" in e else "")
+                     + (" (the KV-cache graphs of Generation are INT8 too)" if "rows" in (r.get("generate") or {})
+                        else "") + ".")
     lines += [f"- {n[0].upper() + n[1:]}." for n in plan.get("notes", [])]
     lines += [
         f"- Sparsity counted in `onnx-{counted}/model.onnx`: {e[counted]['prunable_sparsity']:.2%} over its "
@@ -208,9 +214,13 @@ def _deploy_guide(r: dict, out_name: str) -> str:
     ]
     rows = [x for x in rows if not x[0].startswith("onnx-") or x[0][5:-1] in r["export"]]
     if "int8" in r["export"]:
-        base = f" --baseline {o}/onnx-dense" if "dense" in r["export"] else ""
+        dense = next((f"onnx-{b}" for b in ("dense", "dense-int8") if b in r["export"]), None)
+        base = f" --baseline {o}/{dense}" if dense else ""
         rows.append(("onnx-int8/", "the pruned model with int8 matmuls (fastest on DeepSparse)",
                      f"`sparse-export benchmark {o}/onnx-int8{base} --runtime deepsparse`"))
+    if "dense-int8" in r["export"]:
+        rows.append(("onnx-dense-int8/", "the original model with int8 matmuls (the INT8 baseline)",
+                     f"`sparse-export benchmark {o}/onnx-dense-int8 --runtime deepsparse`"))
     if "rows" in (r.get("generate") or {}):
         rows += [("sparse-kv/", "KV-cache graph of the pruned model: text generation",
                   f"`sparse-export generate {o}/sparse-kv \"The capital of France is\" --runtime deepsparse`"),

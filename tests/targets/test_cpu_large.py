@@ -91,20 +91,26 @@ def test_streamed_sparse_graph_equals_the_in_memory_one(runs):
 
 @pytest.mark.slow
 def test_skip_fp32_leaves_only_int8(tiny_dirs, text_file, tmp_path):
-    """A tiny --memory-budget streams the export (the prune stays in memory by its own rule)."""
+    """A tiny --memory-budget streams the export (the prune stays in memory by its own rule). Without fp32
+    graphs the baseline is the dense model's INT8 graph, and generation runs on INT8 KV-cache graphs."""
     out = tmp_path / "out"
     assert main(_args(tiny_dirs["llama"], text_file, out, ["--memory-budget", "0.001", "--int8", "--skip-fp32"])) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["latency.png", "onnx-int8", "pruned-model", "report.json",
-                                                     "report.md"]
-    graphs = list(out.rglob("*.onnx"))
-    assert graphs and all(p.parent.name == "onnx-int8" for p in graphs)   # no fp32 graph anywhere
+    assert sorted(p.name for p in out.iterdir()) == ["dense-kv", "generate.png", "latency.png", "onnx-dense-int8",
+                                                     "onnx-int8", "pruned-model", "report.json", "report.md",
+                                                     "sparse-kv"]
+    for graph in out.rglob("*.onnx"):                # no fp32 graph anywhere: every Linear an int8 matmul
+        meta = json.loads((graph.parent / "sparse_export.json").read_text())
+        assert meta["int8"]["matmul_integer"] > 0 and meta["int8"]["head"]["dtype"] == "int8", graph
     r, md = _report(out)
     assert r["plan"]["streamed"] and not r["prune"]["streamed"] and r["export"]["int8"]["streamed"]
-    assert r["plan"]["skip_fp32"] == "--skip-fp32" and set(r["export"]) == {"int8"}
-    assert {x["model"] for x in r["benchmark"]["rows"]} == {"int8"}
+    assert r["plan"]["skip_fp32"] == "--skip-fp32" and set(r["export"]) == {"dense-int8", "int8"}
+    rows = {x["model"]: x for x in r["benchmark"]["rows"]}
+    assert set(rows) == {"dense-int8", "int8"} and rows["dense-int8"]["speedup_vs_baseline"] == pytest.approx(1.0)
     assert r["export"]["int8"]["prunable_sparsity"] == pytest.approx(r["prune"]["pruned_sparsity"])
+    assert r["export"]["dense-int8"]["prunable_sparsity"] < 0.01
     assert "fp32 graphs (`onnx-dense/`, `onnx-sparse/`) not exported or benchmarked: --skip-fp32" in md
-    assert r["generate"]["skipped"].startswith("the KV-cache graphs are fp32")
+    assert "onnx-dense-int8/" in md and "KV-cache graphs of Generation are INT8" in md
+    assert {x["model"] for x in r["generate"]["rows"]} == {"dense", "sparse"}
 
 
 @pytest.mark.slow
@@ -118,7 +124,7 @@ def test_fp32_that_does_not_fit_is_skipped_with_int8(tiny_dirs, text_file, tmp_p
     out = tmp_path / "b"
     assert main(_args(tiny_dirs["llama"], text_file, out, ["--stream", "--int8", "--no-generate"])) == 0
     r, md = _report(out)
-    assert set(r["export"]) == {"int8"} and r["plan"]["skip_fp32"].startswith("the fp32 graphs would not fit")
+    assert set(r["export"]) == {"dense-int8", "int8"} and r["plan"]["skip_fp32"].startswith("the fp32 graphs would not fit")
     assert "machine's" in r["plan"]["skip_fp32"] and "not exported or benchmarked: the fp32 graphs would not fit" in md
 
 
