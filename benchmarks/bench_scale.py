@@ -203,7 +203,8 @@ class Bench:
 def run_shape(args) -> None:
     b = Bench(args)
     labels = {"dense": 0.0, **{f"sparse{int(s * 100)}": s for s in args.sparsities}}
-    kinds = (["prefill-fp32"] if args.fp32 else []) + ["prefill-int8"]   # plain graphs, last-token logits
+    plain = args.prefill or args.step                                   # plain graphs, last-token logits
+    kinds = (["prefill-fp32"] if args.fp32 and plain else []) + (["prefill-int8"] if plain else [])
     if args.decode:                                                      # KV-cache graphs
         kinds += (["decode-fp32"] if args.fp32 and args.fp32_decode else []) + ["decode-int8"]
     folders = {kind: {} for kind in kinds}

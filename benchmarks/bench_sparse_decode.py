@@ -324,7 +324,7 @@ def _deepsparse_rows(args):
 
     folders = dict(m.split("=", 1) for m in args.deepsparse)
     rows = []
-    for t in args.threads:
+    for t in args.deepsparse_threads or args.threads:
         res = benchmark_generation(folders, ["deepsparse"], None, args.prompt_tokens, args.new_tokens, 1,
                                    args.rounds, t, progress=False, on_crash="record", log=print)
         for r in res["rows"]:
@@ -425,6 +425,8 @@ def main():
     p.add_argument("--ppl-windows", type=int, default=0, help="WikiText-2 perplexity over this many windows")
     p.add_argument("--ppl-seqlen", type=int, default=1024)
     p.add_argument("--deepsparse", action="append", default=[], help="LABEL=KV-cache deployment folder")
+    p.add_argument("--deepsparse-threads", type=int, nargs="+",
+                   help="thread counts for the DeepSparse rows (default: --threads; each compiles every graph again)")
     p.add_argument("--llama-python", help="python of a venv with llama-cpp-python (rows for Q8_0 and Q4_0)")
     p.add_argument("--llama-types", nargs="+", default=["Q8_0", "Q4_0"])
     p.add_argument("--gguf-dir", default="/tmp", help="where GGUF files go without --work")

@@ -501,12 +501,59 @@ struct StepModel {
   const Layer* head;
 };
 
+// sum of 16 partial sums, pairwise (a fixed order both code paths share; short dependency chains)
+inline __attribute__((always_inline)) float hsum16(float* part) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+// sum of a[j] * b[j] with 16 independent partial sums (vectorized without reordering one long chain)
+inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
+  float part[16] = {};
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16)
+    for (int l = 0; l < 16; ++l) part[l] += a[j + l] * b[j + l];
+  float s = hsum16(part);
+  for (; j < n; ++j) s += a[j] * b[j];
+  return s;
+}
+
+// e^x, branch-free so loops over it vectorize: x = n ln2 + r (ln2 split in two, Cody-Waite), |r| <= ln2/2,
+// e^r by its Taylor series to r^7 (truncation < 6e-9 relative), times 2^n built in the exponent bits.
+// Within ~2 ulp of std::exp for x in [-87, 88]; clamped outside (underflow to ~0 is what softmax wants).
+inline __attribute__((always_inline)) float exp_approx(float x) {
+  x = std::min(std::max(x, -87.f), 88.f);
+  const float shifter = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (x * 1.44269504f + shifter) - shifter;
+  float r = (x - n * 0.693145752f) - n * 1.42860677e-06f;
+  float e = 1.f / 5040.f;
+  e = e * r + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  int32_t bits = ((int32_t)n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return e * scale;
+}
+
 // y = x / sqrt(mean(x^2) + eps) * w, in the order transformers' LlamaRMSNorm computes it
-void rms_norm(const float* x, const float* w, int64_t n, float eps, float* y) {
-  float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
-  float r = 1.f / std::sqrt(ss / (float)n + eps);
+inline __attribute__((always_inline)) void norm_body(const float* x, const float* w, int64_t n, float eps,
+                                                     float* y) {
+  float r = 1.f / std::sqrt(dot(x, x, n) / (float)n + eps);
   for (int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * r);
+}
+
+// act = silu(gate) * up for gu = [gate | up]
+inline __attribute__((always_inline)) void silu_body(const float* gu, int64_t inner, float* act) {
+  for (int64_t i = 0; i < inner; ++i) {
+    float g = gu[i];
+    act[i] = g / (1.f + exp_approx(-g)) * gu[inner + i];
+  }
 }
 
 // x [d] rotated in place: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x[d/2:], x[:d/2])
@@ -517,19 +564,6 @@ void rotate(float* x, const float* cos, const float* sin, int64_t d) {
     x[i] = a * cos[i] - b * sin[i];
     x[i + half] = b * cos[i + half] + a * sin[i + half];
   }
-}
-
-// sum of a[j] * b[j] with 16 independent partial sums (the compiler vectorizes it without reordering
-// one chain of additions)
-inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
-  float part[16] = {};
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16)
-    for (int l = 0; l < 16; ++l) part[l] += a[j + l] * b[j + l];
-  float s = 0.f;
-  for (int l = 0; l < 16; ++l) s += part[l];
-  for (; j < n; ++j) s += a[j] * b[j];
-  return s;
 }
 
 // Attention of the new token (queries q [heads][head_dim]) over the `total` cached positions of each
@@ -546,29 +580,50 @@ inline __attribute__((always_inline)) void attend_body(const StepModel& M, const
       p[t] = dot(q + i * D, kc + t * D, D) * M.scaling;
       top = std::max(top, p[t]);
     }
-    float sum = 0.f;
-    for (int64_t t = 0; t < total; ++t) sum += (p[t] = std::exp(p[t] - top));
+    for (int64_t t = 0; t < total; ++t) p[t] = exp_approx(p[t] - top);
+    float part[16] = {};
+    int64_t t = 0;
+    for (; t + 16 <= total; t += 16)
+      for (int l = 0; l < 16; ++l) part[l] += p[t + l];
+    float sum = hsum16(part);
+    for (; t < total; ++t) sum += p[t];
     float* o = out + i * D;
     std::fill(o, o + D, 0.f);
-    for (int64_t t = 0; t < total; ++t) {
+    for (t = 0; t < total; ++t) {
       float w = p[t] / sum;
       for (int64_t j = 0; j < D; ++j) o[j] += w * vc[t * D + j];
     }
   }
 }
 
+// The step's float work outside the matmuls, compiled for each code path (the same source, so the same
+// results: no fused multiply-adds, no reassociation).
+struct StepOps {
+  void (*attend)(const StepModel&, const StepLayer&, const float*, int64_t, float*, float*);
+  void (*norm)(const float*, const float*, int64_t, float, float*);
+  void (*silu)(const float*, int64_t, float*);
+};
+
 __attribute__((target(FAST_TARGET))) void attend_fast(const StepModel& M, const StepLayer& S, const float* q,
                                                       int64_t total, float* p, float* out) {
   attend_body(M, S, q, total, p, out);
 }
-
+__attribute__((target(FAST_TARGET))) void norm_fast(const float* x, const float* w, int64_t n, float eps, float* y) {
+  norm_body(x, w, n, eps, y);
+}
+__attribute__((target(FAST_TARGET))) void silu_fast(const float* gu, int64_t inner, float* act) {
+  silu_body(gu, inner, act);
+}
 void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_t total, float* p, float* out) {
   attend_body(M, S, q, total, p, out);
 }
+void norm_plain(const float* x, const float* w, int64_t n, float eps, float* y) { norm_body(x, w, n, eps, y); }
+void silu_plain(const float* gu, int64_t inner, float* act) { silu_body(gu, inner, act); }
 
 int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, const float* sin, float* logits,
                 int threads, bool fast, double* kernel_s) {
   const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim, total = pos + 1;
+  const StepOps ops = fast ? StepOps{attend_fast, norm_fast, silu_fast} : StepOps{attend_plain, norm_plain, silu_plain};
   std::vector<float> x(M.hidden), qkv((H + 2 * KV) * D), att(H * D), y(M.hidden), gu(2 * M.inner),
       act(M.inner), p(total);
   double spent = 0;
@@ -580,7 +635,7 @@ int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, con
   };
   for (int64_t l = 0; l < M.layers; ++l) {
     const StepLayer& S = M.layer[l];
-    rms_norm(h, S.norm1, M.hidden, M.eps, x.data());
+    ops.norm(h, S.norm1, M.hidden, M.eps, x.data());
     if (mm(S.qkv, x.data(), qkv.data())) return -2;
     float* q = qkv.data();
     float* k = q + H * D;
@@ -591,22 +646,16 @@ int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, con
       std::memcpy(S.k_cache + (g * M.capacity + pos) * D, k + g * D, D * sizeof(float));
       std::memcpy(S.v_cache + (g * M.capacity + pos) * D, v + g * D, D * sizeof(float));
     }
-    if (fast)
-      attend_fast(M, S, q, total, p.data(), att.data());
-    else
-      attend_plain(M, S, q, total, p.data(), att.data());
+    ops.attend(M, S, q, total, p.data(), att.data());
     if (mm(S.o, att.data(), y.data())) return -2;
     for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
-    rms_norm(h, S.norm2, M.hidden, M.eps, x.data());
+    ops.norm(h, S.norm2, M.hidden, M.eps, x.data());
     if (mm(S.gate_up, x.data(), gu.data())) return -2;
-    for (int64_t i = 0; i < M.inner; ++i) {
-      float g = gu[i];
-      act[i] = g / (1.f + std::exp(-g)) * gu[M.inner + i];  // silu(gate) * up
-    }
+    ops.silu(gu.data(), M.inner, act.data());
     if (mm(S.down, act.data(), y.data())) return -2;
     for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
   }
-  rms_norm(h, M.final_norm, M.hidden, M.eps, x.data());
+  ops.norm(h, M.final_norm, M.hidden, M.eps, x.data());
   if (mm(M.head, x.data(), logits)) return -2;
   if (kernel_s) *kernel_s += spent;
   return 0;
