@@ -264,7 +264,9 @@ def rows_of(result: dict) -> list[dict]:
                "dense_rerun": (again or {}).get(key_speed),
                "GB_per_token": bytes_tok / 1e9 if mode != "prefill" else None,
                "bytes_ratio": bytes_tok / dense_bytes if mode != "prefill" and dense_bytes else None,
-               "load_s": r.get("load_s"), "peak_rss_gib": r["process"]["peak_rss_gib"],
+               # the engine's own peak (it runs in an isolated child of the timed process, whose VmHWM
+               # would miss it), else the process's
+               "load_s": r.get("load_s"), "peak_rss_gib": r.get("peak_rss_gib") or r["process"]["peak_rss_gib"],
                "cpu_s": r["process"]["cpu_s"], "wall_s": r["process"]["wall_s"]}
         rows.append(row)
     return rows

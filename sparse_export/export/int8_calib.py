@@ -16,6 +16,8 @@ import torch
 
 from .. import models
 
+HEAD_ROWS = 8192     # rows of the LM head put on its int8 grid at a time
+
 
 # ---- activations ----------------------------------------------------------------------------
 
@@ -142,12 +144,19 @@ def grid_head(model, name: str) -> list[float]:
     """Put the LM head's weight on a symmetric int8 grid, one scale per output (vocabulary) row, rounded to
     nearest, in place. A tied head first gets its own copy of the weight, so the input embedding keeps its
     fp32 table. Returns the scale per row."""
-    from ..pruning.grid import round_weights
+    from ..pruning.grid import make_quantizer
 
     mod = model.get_submodule(name)
     if head_is_tied(model, name):
         mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
-    return round_weights(model, 8, True, [name])[name]
+    W, scales = models.weight_2d(mod), []
+    with torch.no_grad():   # round_weights' grid, HEAD_ROWS rows at a time (an 8B head is 2.1 GB in fp32)
+        for r in range(0, W.shape[0], HEAD_ROWS):
+            block = W[r:r + HEAD_ROWS]
+            quantize, scale = make_quantizer(block.float(), 8, True, headroom=1.0)
+            block.copy_(quantize(block.float().t(), None).t().to(block.dtype))
+            scales += scale.tolist()
+    return scales
 
 
 def head_choice(name: str | None, ranges: dict | None, outlier_limit: float | None, tied: bool,

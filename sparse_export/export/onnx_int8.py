@@ -77,8 +77,6 @@ def quantize_graph(proto, model, weight_scales: dict, act_params: dict) -> dict[
     act_params:    {module: (scale, zero point)} for its uint8 input.
     Returns {module: {"initializer", "input", "zeros", "size"}} for every quantized matmul.
     """
-    from onnx import TensorProto, helper, numpy_helper
-
     g = proto.graph
     inits = {t.name: t for t in g.initializer}
     want = {digest(models.weight_2d(model.get_submodule(n)).float().numpy()): n for n in weight_scales}
@@ -95,42 +93,14 @@ def quantize_graph(proto, model, weight_scales: dict, act_params: dict) -> dict[
             new_nodes.append(node)
             continue
         w_name, W = hit
-        x, y, tag = node.input[0], node.output[0], module
-        a_scale, a_zp = act_params[module]
-        if x not in quantized_inputs:                  # one QuantizeLinear per shared input
-            q = f"{tag}.input_quant"
-            new_inits += [numpy_helper.from_array(np.array(a_scale, np.float32), q + ".scale"),
-                          numpy_helper.from_array(np.array(a_zp, np.uint8), q + ".zero_point")]
-            new_nodes.append(helper.make_node("QuantizeLinear", [x, q + ".scale", q + ".zero_point"],
-                                              [q], name=q))
-            quantized_inputs[x] = (q, a_scale, a_zp)
-        q, a_scale, a_zp = quantized_inputs[x]
-        if (a_scale, a_zp) != tuple(act_params[module]):
-            raise UserError(f"{module}: modules reading one tensor got different activation scales")
-
         w_scale = np.asarray(weight_scales[module], np.float32)
         ints = int_weight(torch.from_numpy(np.array(W)), w_scale, name=module).numpy()  # out x in
-        combined = (np.float32(a_scale) * w_scale).astype(np.float32)
-        if np.all(combined == combined[0]):
-            combined = combined[:1].reshape(())                 # per tensor: a scalar Mul
-        new_inits += [numpy_helper.from_array(np.ascontiguousarray(ints.T), f"{tag}.weight_int8"),
-                      numpy_helper.from_array(np.array(0, np.int8), f"{tag}.weight_zero_point"),
-                      numpy_helper.from_array(combined, f"{tag}.rescale")]
-        has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
-        mul_out = f"{tag}.rescaled" if has_bias else y
-        new_nodes += [
-            helper.make_node("MatMulInteger", [q, f"{tag}.weight_int8", q + ".zero_point",
-                                               f"{tag}.weight_zero_point"], [f"{tag}.int32"],
-                             name=f"{tag}.MatMulInteger"),
-            helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.float"], name=f"{tag}.Cast",
-                             to=TensorProto.FLOAT),
-            helper.make_node("Mul", [f"{tag}.float", f"{tag}.rescale"], [mul_out], name=f"{tag}.Mul")]
-        if has_bias:
-            new_nodes.append(helper.make_node("Add", [mul_out, node.input[2]], [y], name=f"{tag}.Add"))
+        q_nodes, q_inits = int8_matmul(node, ints, w_scale, act_params[module], module, quantized_inputs)
+        new_nodes += q_nodes
+        new_inits += q_inits
         consumers[w_name] -= 1
         replaced.add(w_name)
-        done[module] = {"initializer": f"{tag}.weight_int8", "input": x,
-                        "zeros": int(ints.size - np.count_nonzero(ints)), "size": int(ints.size)}
+        done[module] = int8_row(module, node, ints)
 
     missing = sorted(set(weight_scales) - set(done))
     if missing:
@@ -141,6 +111,51 @@ def quantize_graph(proto, model, weight_scales: dict, act_params: dict) -> dict[
     del g.initializer[:]
     g.initializer.extend(keep + new_inits)
     return done
+
+
+def int8_row(tag: str, node, ints: np.ndarray) -> dict:
+    """quantize_graph's entry for one rewritten matmul."""
+    return {"initializer": f"{tag}.weight_int8", "input": node.input[0],
+            "zeros": int(ints.size - np.count_nonzero(ints)), "size": int(ints.size)}
+
+
+def int8_matmul(node, ints: np.ndarray, w_scale, act: tuple, tag: str, quantized_inputs: dict) -> tuple[list, list]:
+    """The fused int8 form of the MatMul / Gemm `node` (x @ W (+ C)): (new nodes, new initializers).
+
+    ints: W on its grid as int8, out x in; w_scale: per output row; act: (scale, zero point) of the uint8
+    input. quantized_inputs {input: (QuantizeLinear output, scale, zero point)} is shared between calls so
+    that matmuls reading one tensor share one QuantizeLinear (their activation scales must agree)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    x, y = node.input[0], node.output[0]
+    a_scale, a_zp = act
+    nodes, inits = [], []
+    if x not in quantized_inputs:                  # one QuantizeLinear per shared input
+        q = f"{tag}.input_quant"
+        inits += [numpy_helper.from_array(np.array(a_scale, np.float32), q + ".scale"),
+                  numpy_helper.from_array(np.array(a_zp, np.uint8), q + ".zero_point")]
+        nodes.append(helper.make_node("QuantizeLinear", [x, q + ".scale", q + ".zero_point"], [q], name=q))
+        quantized_inputs[x] = (q, a_scale, a_zp)
+    q, s0, z0 = quantized_inputs[x]
+    if (s0, z0) != tuple(act):
+        raise UserError(f"{tag}: modules reading one tensor got different activation scales")
+    w_scale = np.asarray(w_scale, np.float32)
+    combined = (np.float32(a_scale) * w_scale).astype(np.float32)
+    if np.all(combined == combined[0]):
+        combined = combined[:1].reshape(())                 # per tensor: a scalar Mul
+    inits += [numpy_helper.from_array(np.ascontiguousarray(ints.T), f"{tag}.weight_int8"),
+              numpy_helper.from_array(np.array(0, np.int8), f"{tag}.weight_zero_point"),
+              numpy_helper.from_array(combined, f"{tag}.rescale")]
+    has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
+    mul_out = f"{tag}.rescaled" if has_bias else y
+    nodes += [
+        helper.make_node("MatMulInteger", [q, f"{tag}.weight_int8", q + ".zero_point", f"{tag}.weight_zero_point"],
+                         [f"{tag}.int32"], name=f"{tag}.MatMulInteger"),
+        helper.make_node("Cast", [f"{tag}.int32"], [f"{tag}.float"], name=f"{tag}.Cast", to=TensorProto.FLOAT),
+        helper.make_node("Mul", [f"{tag}.float", f"{tag}.rescale"], [mul_out], name=f"{tag}.Mul")]
+    if has_bias:
+        nodes.append(helper.make_node("Add", [mul_out, node.input[2]], [y], name=f"{tag}.Add"))
+    return nodes, inits
 
 
 def _scores_matmuls(g):

@@ -27,9 +27,10 @@ from ..checkpoints import tie_missing
 from ..errors import UserError
 from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out
 from ..outputs import META_FILE, Timer, atomic_dir, library_versions, peak_rss_gib, read_meta, write_json
+from ..pruning.grid import int_weight
 from .graph import LOGITS, ONNX_FILE, OPSET, source_fields, sparsity_summary
 from .graph import weight_sparsity
-from .int8_calib import head_choice, head_is_tied, head_module
+from .int8_calib import HEAD_ROWS, head_choice, head_is_tied, head_module
 from .layer_graph import Template, io_for_layers, layer_nodes
 from .stream_trace import full_name, homogeneous, trace_template
 from .validate import (CHECK_BATCH, CHECK_TOKENS, LOGITS_TOLERANCE, compare, int8_tolerance, kv_graph_logits,
@@ -627,24 +628,22 @@ def _head_matmul(run: _Run):
 
 
 def _int8_head(run: _Run, node, module: str, scales: dict, qparams: dict) -> tuple[list, list, dict]:
-    """The head's MatMul rewritten into the int8 form by onnx_int8.quantize_graph (as in memory), its weight
-    (on its grid) from the model: (the head's nodes with the rewrite in place, new initializers, the row
-    quantize_graph returns)."""
-    from onnx import ModelProto, numpy_helper
+    """The head's MatMul in the int8 form (onnx_int8.int8_matmul, as quantize_graph writes it in memory), its
+    int8 weight read from the model's head (on its grid) a block of rows at a time: (the head's nodes with the
+    rewrite in place, new initializers, quantize_graph's row for it). A float32 copy of an 8B model's head
+    is 2.1 GB; this holds its int8 values and one block."""
+    from .onnx_int8 import int8_matmul, int8_row
 
-    from .onnx_int8 import quantize_graph
-
-    w = run.model.get_submodule(module).weight.detach().float()
-    part = ModelProto()
-    part.graph.node.append(node)
-    part.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(w.t().numpy()), node.input[1]))
-    done = quantize_graph(part, run.model, scales, qparams)
-    rewritten = _detached(part.graph.node)
+    w = run.model.get_submodule(module).weight.detach()
+    scale = np.asarray(scales[module], np.float32)
+    ints = np.empty(tuple(w.shape), np.int8)
+    for r in range(0, w.shape[0], HEAD_ROWS):
+        ints[r:r + HEAD_ROWS] = int_weight(w[r:r + HEAD_ROWS].float(), scale[r:r + HEAD_ROWS], name=module).numpy()
+    rewritten, inits = int8_matmul(node, ints, scale, qparams[module], module, {})
     nodes = []
     for n in run.template.head:
         nodes += rewritten if n is node else [n]
-    inits = _detached(x for x in part.graph.initializer if x.name != node.input[1])
-    return nodes, inits, done[module]
+    return nodes, inits, int8_row(module, node, ints)
 
 
 def _references(run: _Run, streams: dict, ids: np.ndarray, mask: np.ndarray, tuple_out: bool,
