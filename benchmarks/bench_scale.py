@@ -247,7 +247,7 @@ def rows_of(result: dict) -> list[dict]:
             continue
         model, prec = label.rsplit("-", 1)
         again = t.get(f"{mode}/{rt}/{label}/1")
-        key_speed = "decode_tokens_per_s" if mode == "decode" else "tokens_per_s"
+        key_speed = "decode_tok_s" if mode == "decode" else "tokens_per_s"
         speed = r.get(key_speed)
         base_same = t.get(f"{mode}/{rt}/dense-{prec}/0", {})
         base_fp32 = t.get(f"{mode}/{rt}/dense-fp32/0", {})
@@ -267,7 +267,8 @@ def rows_of(result: dict) -> list[dict]:
                # the engine's own peak (it runs in an isolated child of the timed process, whose VmHWM
                # would miss it), else the process's
                "load_s": r.get("load_s"), "peak_rss_gib": r.get("peak_rss_gib") or r["process"]["peak_rss_gib"],
-               "cpu_s": r["process"]["cpu_s"], "wall_s": r["process"]["wall_s"]}
+               "cpu_s": r["process"]["cpu_s"], "wall_s": r["process"]["wall_s"],
+               "warnings": "; ".join((r.get("trust") or {}).get("warnings") or []) or None}
         rows.append(row)
     return rows
 
@@ -276,7 +277,7 @@ COLS = [("shape", "shape"), ("mode", "mode"), ("runtime", "runtime"), ("model", 
         ("ms (prefill) / ms per token", "median_ms"), ("tokens/s", "speed"), ("x dense same precision", "x_dense_same"),
         ("x dense fp32", "x_dense_fp32"), ("dense rerun tokens/s", "dense_rerun"), ("GB read per token", "GB_per_token"),
         ("bytes vs dense", "bytes_ratio"), ("load/compile s", "load_s"), ("peak RSS GiB", "peak_rss_gib"),
-        ("process CPU s", "cpu_s"), ("process wall s", "wall_s")]
+        ("process CPU s", "cpu_s"), ("process wall s", "wall_s"), ("timing warnings", "warnings")]
 STEP_COLS = [("shape", "shape"), ("step", "step"), ("wall s", "wall_s"), ("CPU s", "cpu_s"),
              ("peak RSS GiB", "peak_rss_gib")]
 

@@ -568,10 +568,11 @@ void rotate(float* x, const float* cos, const float* sin, int64_t d) {
 
 // Attention of the new token (queries q [heads][head_dim]) over the `total` cached positions of each
 // query head's KV head; p: scratch [total]; out [heads][head_dim].
+// Query head i only (heads are independent: the threads split them); p: scratch [total] of this head.
 inline __attribute__((always_inline)) void attend_body(const StepModel& M, const StepLayer& S, const float* q,
-                                                       int64_t total, float* p, float* out) {
+                                                       int64_t total, float* p, float* out, int64_t i) {
   const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim;
-  for (int64_t i = 0; i < H; ++i) {
+  {
     const int64_t g = i / (H / KV);
     const float* kc = S.k_cache + g * M.capacity * D;
     const float* vc = S.v_cache + g * M.capacity * D;
@@ -599,14 +600,14 @@ inline __attribute__((always_inline)) void attend_body(const StepModel& M, const
 // The step's float work outside the matmuls, compiled for each code path (the same source, so the same
 // results: no fused multiply-adds, no reassociation).
 struct StepOps {
-  void (*attend)(const StepModel&, const StepLayer&, const float*, int64_t, float*, float*);
+  void (*attend)(const StepModel&, const StepLayer&, const float*, int64_t, float*, float*, int64_t);
   void (*norm)(const float*, const float*, int64_t, float, float*);
   void (*silu)(const float*, int64_t, float*);
 };
 
 __attribute__((target(FAST_TARGET))) void attend_fast(const StepModel& M, const StepLayer& S, const float* q,
-                                                      int64_t total, float* p, float* out) {
-  attend_body(M, S, q, total, p, out);
+                                                      int64_t total, float* p, float* out, int64_t i) {
+  attend_body(M, S, q, total, p, out, i);
 }
 __attribute__((target(FAST_TARGET))) void norm_fast(const float* x, const float* w, int64_t n, float eps, float* y) {
   norm_body(x, w, n, eps, y);
@@ -614,9 +615,26 @@ __attribute__((target(FAST_TARGET))) void norm_fast(const float* x, const float*
 __attribute__((target(FAST_TARGET))) void silu_fast(const float* gu, int64_t inner, float* act) {
   silu_body(gu, inner, act);
 }
-void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_t total, float* p, float* out) {
-  attend_body(M, S, q, total, p, out);
+void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_t total, float* p, float* out,
+                  int64_t i) {
+  attend_body(M, S, q, total, p, out, i);
 }
+
+// All query heads on the pool, one head per chunk (each writes only its own slice of out and of p).
+struct AttendJob {
+  const StepOps* ops;
+  const StepModel& M;
+  const StepLayer& S;
+  const float* q;
+  int64_t total;
+  float* p;    // [heads][total]
+  float* out;
+
+  static void chunk(void* ctx, int64_t i) {
+    auto& j = *static_cast<AttendJob*>(ctx);
+    j.ops->attend(j.M, j.S, j.q, j.total, j.p + i * j.total, j.out, i);
+  }
+};
 void norm_plain(const float* x, const float* w, int64_t n, float eps, float* y) { norm_body(x, w, n, eps, y); }
 void silu_plain(const float* gu, int64_t inner, float* act) { silu_body(gu, inner, act); }
 
@@ -625,7 +643,7 @@ int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, con
   const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim, total = pos + 1;
   const StepOps ops = fast ? StepOps{attend_fast, norm_fast, silu_fast} : StepOps{attend_plain, norm_plain, silu_plain};
   std::vector<float> x(M.hidden), qkv((H + 2 * KV) * D), att(H * D), y(M.hidden), gu(2 * M.inner),
-      act(M.inner), p(total);
+      act(M.inner), p(H * total);
   double spent = 0;
   auto mm = [&](const Layer* L, const float* in, float* out) {
     auto t = std::chrono::steady_clock::now();
@@ -646,7 +664,8 @@ int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, con
       std::memcpy(S.k_cache + (g * M.capacity + pos) * D, k + g * D, D * sizeof(float));
       std::memcpy(S.v_cache + (g * M.capacity + pos) * D, v + g * D, D * sizeof(float));
     }
-    ops.attend(M, S, q, total, p.data(), att.data());
+    AttendJob job{&ops, M, S, q, total, p.data(), att.data()};
+    pool().run(threads, H, &AttendJob::chunk, &job);
     if (mm(S.o, att.data(), y.data())) return -2;
     for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
     ops.norm(h, S.norm2, M.hidden, M.eps, x.data());
