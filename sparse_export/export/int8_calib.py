@@ -150,12 +150,11 @@ def grid_head(model, name: str) -> list[float]:
     if head_is_tied(model, name):
         mod.weight = torch.nn.Parameter(mod.weight.detach().clone(), requires_grad=False)
     W, scales = models.weight_2d(mod), []
-    with torch.no_grad():   # round_weights' grid, HEAD_ROWS rows at a time (an 8B head is 2.1 GB in fp32)
-        for r in range(0, W.shape[0], HEAD_ROWS):
-            block = W[r:r + HEAD_ROWS]
-            quantize, scale = make_quantizer(block.float(), 8, True, headroom=1.0)
-            block.copy_(quantize(block.float().t(), None).t().to(block.dtype))
-            scales += scale.tolist()
+    for r in range(0, W.shape[0], HEAD_ROWS):   # round_weights' grid a block at a time (8B head: 2.1 GB fp32)
+        block = W[r:r + HEAD_ROWS]
+        quantize, scale = make_quantizer(block.float(), 8, True, headroom=1.0)
+        block.copy_(quantize(block.float().t(), None).t().to(block.dtype))
+        scales += scale.tolist()
     return scales
 
 

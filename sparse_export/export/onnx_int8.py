@@ -421,33 +421,63 @@ def export_int8(model_spec, out, calib: str | None = None, nsamples: int | None 
 
     Calibration not given here comes from the pruned folder's recipe (int8_calibration). max_error:
     see prepare_int8. head=False (--fp32-head) keeps the LM head fp32."""
+    check_int8_options(percentile, outlier_ratio, max_error)
+    cal = resolve_calibration(model_spec, calib, nsamples, seqlen, seed, log)
+    with atomic_dir(out, force) as tmp:
+        model, tokenizer = models.load_model(model_spec)
+        stored_dtype = model.dtype
+        model.float()
+        c = calibrate(model, tokenizer, model_spec, cal, percentile, outlier_ratio, stored_dtype, attention,
+                      max_error, head and logits != "none")
+        meta = write_int8_deployment(model, tokenizer, tmp, c["scales"], c["qparams"], c["attention"], logits,
+                                     trace_seqlen, source=model_spec, extra=c["extra"], log=log, head=c["head"])
+    log(f"wrote {out}")
+    return meta
+
+
+def check_int8_options(percentile: float | None, outlier_ratio: float | None, max_error: float | None) -> None:
+    """One-line errors for INT8 options out of range, before any work."""
     if max_error is not None and not max_error > 0:
         raise UserError(f"--max-error must be > 0 (a relative squared error, e.g. 0.005), got {max_error}")
     if percentile is not None and not 50 < percentile < 100:
         raise UserError(f"--percentile must be in (50, 100), got {percentile}")
     if outlier_ratio is not None and outlier_ratio < 0:
         raise UserError(f"--outlier-ratio must be >= 0 (0: quantize every layer), got {outlier_ratio}")
+
+
+def resolve_calibration(model_spec, calib: str | None, nsamples: int | None, seqlen: int | None,
+                        seed: int | None, log=print) -> dict:
+    """int8_calibration for an in-memory export, its source checked (`self` allowed) and where it came
+    from logged when it is the recipe's."""
     cal = int8_calibration(model_spec, calib, nsamples, seqlen, seed)
     data.check_source(cal["source"], allow_self=True)
     if cal["from"] == "recipe":
         log(f"int8 calibration from the recipe in {model_spec}: {cal['source']}, "
             f"{cal['nsamples']} x {cal['seqlen']} tokens, seed {cal['seed']}")
-    with atomic_dir(out, force) as tmp:
-        model, tokenizer = models.load_model(model_spec)
-        stored_dtype = model.dtype
-        model.float()
-        src_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
-        windows = data.calibration_windows(cal["source"], tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"],
-                                           model=model)
-        details = {}
-        scales, qparams, attn, how, _ = prepare_int8(model, src_meta, windows, percentile, outlier_ratio,
-                                                     stored_dtype=stored_dtype, attention=attention,
-                                                     max_error=max_error, head=head and logits != "none",
-                                                     details=details)
-        extra = {"weight_source": how, "outlier_ratio": outlier_ratio, "max_error": max_error,
-                 "calibration": {**cal, "range": f"percentile {percentile}" if percentile else "min/max"},
-                 "smooth": (src_meta.get("recipe") or {}).get("smooth")}   # SmoothQuant alpha of the prune
-        meta = write_int8_deployment(model, tokenizer, tmp, scales, qparams, attn, logits, trace_seqlen,
-                                     source=model_spec, extra=extra, log=log, head=details["head"])
-    log(f"wrote {out}")
-    return meta
+    return cal
+
+
+def int8_extra(weight_source: str, cal: dict, percentile: float | None, outlier_ratio: float | None,
+               max_error: float | None, smooth) -> dict:
+    """int8_fields' `extra`: how the weights and activation ranges were obtained (smooth: the SmoothQuant
+    alpha of the prune, from its recipe)."""
+    return {"weight_source": weight_source, "outlier_ratio": outlier_ratio, "max_error": max_error,
+            "calibration": {**cal, "range": f"percentile {percentile}" if percentile else "min/max"},
+            "smooth": smooth}
+
+
+def calibrate(model, tokenizer, model_spec, cal: dict, percentile: float | None, outlier_ratio: float | None,
+              stored_dtype: torch.dtype, attention: bool, max_error: float | None, head: bool) -> dict:
+    """prepare_int8 on the in-memory model over the calibration windows of `cal` (resolve_calibration):
+    {scales, qparams, attention, head (the metadata's head entry), fp32, extra (int8_extra)}. Puts the
+    weights on their grid in place."""
+    src_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
+    windows = data.calibration_windows(cal["source"], tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"],
+                                       model=model)
+    details = {}
+    scales, qparams, attn, how, fp32 = prepare_int8(model, src_meta, windows, percentile, outlier_ratio,
+                                                    stored_dtype=stored_dtype, attention=attention,
+                                                    max_error=max_error, head=head, details=details)
+    extra = int8_extra(how, cal, percentile, outlier_ratio, max_error, (src_meta.get("recipe") or {}).get("smooth"))
+    return {"scales": scales, "qparams": qparams, "attention": attn, "head": details["head"], "fp32": fp32,
+            "extra": extra}

@@ -87,8 +87,11 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
         model = model.float().eval()
         check_supported(model, max_length)
         n_layers, kv_heads, head_dim = cache_spec(model)
-        if q is not None:
-            q.update(_calibrate(model, tokenizer, model_spec, q, stored_dtype))
+        if q is not None:   # the plain INT8 graph's calibration pass (its attention qparams are not used)
+            from .onnx_int8 import calibrate
+
+            c = calibrate(model, tokenizer, model_spec, q["calibration"], q["percentile"], q["outlier_ratio"],
+                          stored_dtype, q["attention"], q["max_error"], q["head"])
         with Timer() as t_export:
             trace_kv(model, tmp / "model.onnx")
             done = {}
@@ -97,20 +100,20 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
                 from .onnx_int8 import quantize_graph
 
                 proto = load_onnx(tmp / "model.onnx")
-                done = quantize_graph(proto, model, q["scales"], q["qparams"])
+                done = quantize_graph(proto, model, c["scales"], c["qparams"])
                 save_onnx(proto, tmp / "model.onnx")
         weights = weight_sparsity(tmp / "model.onnx")  # counted in the file, as the plain export does
         problems = [x for x in match_modules(weights, tmp / "model.onnx", model) if x.split(":")[0] not in done]
         if problems:
             raise UserError(f"the exported weights do not match the model: {problems[0]}")
         for module, row in done.items():         # int8 initializers: named by us, module known
-            weights[row["initializer"]].update(module=module, prunable=module != q["head"]["module"],
+            weights[row["initializer"]].update(module=module, prunable=module != c["head"]["module"],
                                                op="MatMulInteger", transposed=True)
             if row["zeros"] != int((models.weight_2d(model.get_submodule(module)) == 0).sum()):
                 raise UserError(f"{module}: zero count changed in the int8 export")
         summary = sparsity_summary(weights)
         validation = validate_kv(model, tmp / "model.onnx", max_length,
-                                 qparams=q["qparams"] if q is not None else None)
+                                 qparams=c["qparams"] if q is not None else None)
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -130,7 +133,7 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         if q is not None:
-            meta["int8"] = kv_int8_fields(model, done, q)
+            meta["int8"] = kv_int8_fields(model, set(done), c["scales"], c["qparams"], c["head"], c["extra"])
         write_json(tmp / META_FILE, meta)
     log(f"wrote KV-cache ONNX to {out}: max length {max_length}, cache {n_layers} layers x {kv_heads} KV heads "
         f"x {head_dim}; {summary['prunable_matrices']} prunable matrices at {summary['prunable_sparsity']:.1%} "
@@ -139,63 +142,27 @@ def export_kv_onnx(model_spec, out, max_length: int = 2048, force: bool = False,
 
 
 def _int8_options(model_spec, int8: dict, log) -> dict:
-    """The INT8 options checked and the calibration resolved (onnx_int8.int8_calibration), before loading."""
-    from .. import data
-    from .onnx_int8 import OUTLIER_RATIO, int8_calibration
+    """The INT8 options with their defaults, checked, and the calibration resolved, before loading."""
+    from .onnx_int8 import OUTLIER_RATIO, check_int8_options, resolve_calibration
 
     q = {"percentile": None, "outlier_ratio": OUTLIER_RATIO, "attention": True, "head": True, "max_error": None,
          **{k: v for k, v in int8.items() if v is not None}}
-    if q["max_error"] is not None and not q["max_error"] > 0:
-        raise UserError(f"--max-error must be > 0 (a relative squared error, e.g. 0.005), got {q['max_error']}")
-    if q["percentile"] is not None and not 50 < q["percentile"] < 100:
-        raise UserError(f"--percentile must be in (50, 100), got {q['percentile']}")
-    if q["outlier_ratio"] < 0:
-        raise UserError(f"--outlier-ratio must be >= 0 (0: quantize every layer), got {q['outlier_ratio']}")
-    q["calibration"] = int8_calibration(model_spec, q.get("calib"), q.get("nsamples"), q.get("seqlen"), q.get("seed"))
-    data.check_source(q["calibration"]["source"], allow_self=True)
-    if q["calibration"]["from"] == "recipe":
-        c = q["calibration"]
-        log(f"int8 calibration from the recipe in {model_spec}: {c['source']}, {c['nsamples']} x {c['seqlen']} "
-            f"tokens, seed {c['seed']}")
+    check_int8_options(q["percentile"], q["outlier_ratio"], q["max_error"])
+    q["calibration"] = resolve_calibration(model_spec, q.get("calib"), q.get("nsamples"), q.get("seqlen"),
+                                           q.get("seed"), log)
     return q
 
 
-def _calibrate(model, tokenizer, model_spec, q: dict, stored_dtype) -> dict:
-    """prepare_int8 on the plain model (the plain INT8 graph's calibration pass; the attention qparams it
-    measures are not used): {scales, qparams, head, weight_source, fp32}. Puts the weights on their grid."""
-    from pathlib import Path
-
-    from .. import data
-    from ..outputs import read_meta
-    from .onnx_int8 import prepare_int8
-
-    cal = q["calibration"]
-    src_meta = read_meta(model_spec) if Path(str(model_spec)).is_dir() else {}
-    windows = data.calibration_windows(cal["source"], tokenizer, cal["nsamples"], cal["seqlen"], cal["seed"],
-                                       model=model)
-    details = {}
-    scales, qparams, _, how, fp32 = prepare_int8(model, src_meta, windows, q["percentile"], q["outlier_ratio"],
-                                                 stored_dtype=stored_dtype, attention=q["attention"],
-                                                 max_error=q["max_error"], head=q["head"], details=details)
-    return {"scales": scales, "qparams": qparams, "head": details["head"], "weight_source": how, "fp32": fp32,
-            "smooth": (src_meta.get("recipe") or {}).get("smooth")}
-
-
-def kv_int8_fields(model, done: dict, q: dict) -> dict:
-    """The "int8" entry of an INT8 KV-cache deployment (onnx_int8.int8_fields, attention scores fp32)."""
+def kv_int8_fields(model, quantized: set, scales: dict, qparams: dict, head: dict, extra: dict) -> dict:
+    """The "int8" entry of an INT8 KV-cache deployment (onnx_int8.int8_fields, attention scores fp32).
+    quantized: the modules whose matmuls are int8 (the head among them when it is)."""
     from .onnx_int8 import int8_fields
 
-    head = q["head"]["module"]
-    cal = q["calibration"]
-    return int8_fields(len(set(done) - {head}), sorted(set(models.prunable_names(model)) - set(done)), q["scales"],
-                       q["qparams"], {}, {
-                           "weight_source": q["weight_source"], "outlier_ratio": q["outlier_ratio"],
-                           "max_error": q["max_error"], "smooth": q["smooth"],
-                           "calibration": {**cal, "range": f"percentile {q['percentile']}" if q["percentile"]
-                                           else "min/max"},
-                           "kv_cache_attention": "score matmuls fp32 in the KV-cache graph (its attention is "
-                                                 "archs.attend over the cache, not the hooked attention function)"},
-                       q["head"])
+    return int8_fields(len(quantized - {head["module"]}), sorted(set(models.prunable_names(model)) - quantized),
+                       scales, qparams, {}, {
+                           **extra, "kv_cache_attention": "score matmuls fp32 in the KV-cache graph (its attention "
+                                                          "is archs.attend over the cache, not the hooked attention "
+                                                          "function)"}, head)
 
 
 def kv_meta(config, n_layers: int, kv_heads: int, head_dim: int, max_length: int) -> dict:

@@ -402,16 +402,12 @@ def export_streamed(model_spec, out, kind: str = "plain", logits: str = "last", 
     if seqlen < 2 or (kind == "kv" and max_length < 2):
         raise UserError("--seqlen and --max-length must be at least 2")
     quant = int8 is not None and kind in ("int8", "kv")
-    if quant:
-        p, r = int8.get("percentile"), int8.get("outlier_ratio")
-        if p is not None and not 50 < p < 100:
-            raise UserError(f"--percentile must be in (50, 100), got {p}")
-        if r is not None and r < 0:
-            raise UserError(f"--outlier-ratio must be >= 0 (0: quantize every layer), got {r}")
     t0 = time.perf_counter()
     cal = None
     if quant:
-        from .onnx_int8 import int8_calibration
+        from .onnx_int8 import check_int8_options, int8_calibration
+
+        check_int8_options(int8.get("percentile"), int8.get("outlier_ratio"), None)   # no --max-error here
 
         cal = int8_calibration(model_spec, int8.get("calib"), int8.get("nsamples"), int8.get("seqlen"),
                                int8.get("seed"))
@@ -740,13 +736,8 @@ def _meta(run: _Run, folder: Path, source, summary: dict, weights: dict, validat
         if run.quant:
             from .onnx_kv import kv_int8_fields
 
-            opts = run.int8
-            meta["int8"] = kv_int8_fields(run.model, {m: None for m in extra["int8_done"].values()}, {
-                "scales": extra["scales"], "qparams": extra["qparams"], "head": extra["head"],
-                "weight_source": extra["weight_source"], "outlier_ratio": opts.get("outlier_ratio"),
-                "max_error": opts.get("max_error"), "percentile": opts.get("percentile"),
-                "smooth": (read_meta(run.folder).get("recipe") or {}).get("smooth"),
-                "calibration": extra["calibration"]})
+            meta["int8"] = kv_int8_fields(run.model, set(extra["int8_done"].values()), extra["scales"],
+                                          extra["qparams"], extra["head"], _int8_extra(run, extra))
         return meta
     from .onnx_plain import plain_fields
 
@@ -755,14 +746,17 @@ def _meta(run: _Run, folder: Path, source, summary: dict, weights: dict, validat
     if run.quant:
         from .onnx_int8 import int8_fields
 
-        opts, cal = run.int8, extra["calibration"]
         quantized = set(extra["int8_done"].values()) - {extra["head"]["module"]}
         fp32 = sorted(n for n in models.prunable_names(run.model) if n not in quantized)
         meta["int8"] = int8_fields(len(quantized), fp32, extra["scales"], extra["qparams"], extra["attention"],
-                                   {"weight_source": extra["weight_source"], "outlier_ratio": opts.get("outlier_ratio"),
-                                    "calibration": {**cal, "range": f"percentile {opts['percentile']}"
-                                                    if opts.get("percentile") else "min/max"},
-                                    # SmoothQuant alpha of the prune, as the in-memory export records it
-                                    "smooth": (read_meta(run.folder).get("recipe") or {}).get("smooth"),
-                                    "max_error": opts.get("max_error")}, extra["head"])
+                                   _int8_extra(run, extra), extra["head"])
     return meta
+
+
+def _int8_extra(run: _Run, extra: dict) -> dict:
+    """onnx_int8.int8_extra for this export: the options it was given, the prune's SmoothQuant alpha."""
+    from .onnx_int8 import int8_extra
+
+    o = run.int8
+    return int8_extra(extra["weight_source"], extra["calibration"], o.get("percentile"), o.get("outlier_ratio"),
+                      o.get("max_error"), (read_meta(run.folder).get("recipe") or {}).get("smooth"))
