@@ -494,7 +494,7 @@ struct StepLayer {
 };
 
 struct StepModel {
-  int64_t layers, hidden, heads, kv_heads, head_dim, inner, capacity, vocab;
+  int64_t layers, hidden, heads, kv_heads, head_dim, inner, capacity;
   float eps, scaling;
   const StepLayer* layer;
   const float* final_norm;
@@ -566,34 +566,31 @@ void rotate(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
-// Attention of the new token (queries q [heads][head_dim]) over the `total` cached positions of each
-// query head's KV head; p: scratch [total]; out [heads][head_dim].
-// Query head i only (heads are independent: the threads split them); p: scratch [total] of this head.
+// Attention of the new token's query head i (q [heads][head_dim]) over the `total` cached positions of its
+// KV head, into out[i] ([heads][head_dim]); p: this head's scratch [total]. Heads are independent: the
+// threads split them.
 inline __attribute__((always_inline)) void attend_body(const StepModel& M, const StepLayer& S, const float* q,
                                                        int64_t total, float* p, float* out, int64_t i) {
-  const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim;
-  {
-    const int64_t g = i / (H / KV);
-    const float* kc = S.k_cache + g * M.capacity * D;
-    const float* vc = S.v_cache + g * M.capacity * D;
-    float top = -INFINITY;
-    for (int64_t t = 0; t < total; ++t) {
-      p[t] = dot(q + i * D, kc + t * D, D) * M.scaling;
-      top = std::max(top, p[t]);
-    }
-    for (int64_t t = 0; t < total; ++t) p[t] = exp_approx(p[t] - top);
-    float part[16] = {};
-    int64_t t = 0;
-    for (; t + 16 <= total; t += 16)
-      for (int l = 0; l < 16; ++l) part[l] += p[t + l];
-    float sum = hsum16(part);
-    for (; t < total; ++t) sum += p[t];
-    float* o = out + i * D;
-    std::fill(o, o + D, 0.f);
-    for (t = 0; t < total; ++t) {
-      float w = p[t] / sum;
-      for (int64_t j = 0; j < D; ++j) o[j] += w * vc[t * D + j];
-    }
+  const int64_t D = M.head_dim, g = i / (M.heads / M.kv_heads);
+  const float* kc = S.k_cache + g * M.capacity * D;
+  const float* vc = S.v_cache + g * M.capacity * D;
+  float top = -INFINITY;
+  for (int64_t t = 0; t < total; ++t) {
+    p[t] = dot(q + i * D, kc + t * D, D) * M.scaling;
+    top = std::max(top, p[t]);
+  }
+  for (int64_t t = 0; t < total; ++t) p[t] = exp_approx(p[t] - top);
+  float part[16] = {};
+  int64_t t = 0;
+  for (; t + 16 <= total; t += 16)
+    for (int l = 0; l < 16; ++l) part[l] += p[t + l];
+  float sum = hsum16(part);
+  for (; t < total; ++t) sum += p[t];
+  float* o = out + i * D;
+  std::fill(o, o + D, 0.f);
+  for (t = 0; t < total; ++t) {
+    float w = p[t] / sum;
+    for (int64_t j = 0; j < D; ++j) o[j] += w * vc[t * D + j];
   }
 }
 
@@ -620,6 +617,9 @@ void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_
   attend_body(M, S, q, total, p, out, i);
 }
 
+void norm_plain(const float* x, const float* w, int64_t n, float eps, float* y) { norm_body(x, w, n, eps, y); }
+void silu_plain(const float* gu, int64_t inner, float* act) { silu_body(gu, inner, act); }
+
 // All query heads on the pool, one head per chunk (each writes only its own slice of out and of p).
 struct AttendJob {
   const StepOps* ops;
@@ -635,8 +635,6 @@ struct AttendJob {
     j.ops->attend(j.M, j.S, j.q, j.total, j.p + i * j.total, j.out, i);
   }
 };
-void norm_plain(const float* x, const float* w, int64_t n, float eps, float* y) { norm_body(x, w, n, eps, y); }
-void silu_plain(const float* gu, int64_t inner, float* act) { silu_body(gu, inner, act); }
 
 int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, const float* sin, float* logits,
                 int threads, bool fast, double* kernel_s) {
@@ -687,7 +685,7 @@ const bool HAS_FAST = cpu_has_fast();
 extern "C" {
 
 // Bumped whenever the Layer struct or a signature changes: kernel.py refuses a stale build.
-int sc_abi_version(void) { return 5; }
+int sc_abi_version(void) { return 6; }
 
 // 1 when the AVX-512 VBMI2 + VNNI path can run on this CPU.
 int sc_has_fast(void) { return HAS_FAST ? 1 : 0; }

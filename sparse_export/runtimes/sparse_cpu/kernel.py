@@ -16,7 +16,7 @@ import torch
 from ...errors import UserError
 from .packed import PackedLinear
 
-ABI_VERSION = 5   # kernel.cpp's sc_abi_version(): a library built from another source is refused
+ABI_VERSION = 6   # kernel.cpp's sc_abi_version(): a library built from another source is refused
 PATHS = {"auto": 0, "scalar": 1, "avx512": 2}
 PATH_ENV = "SPARSE_EXPORT_CPU_KERNEL"
 _MODULE = "sparse_export.runtimes.sparse_cpu._kernel"
@@ -40,7 +40,7 @@ class _StepModel(ctypes.Structure):
     """kernel.cpp's struct StepModel."""
     _fields_ = [("layers", ctypes.c_int64), ("hidden", ctypes.c_int64), ("heads", ctypes.c_int64),
                 ("kv_heads", ctypes.c_int64), ("head_dim", ctypes.c_int64), ("inner", ctypes.c_int64),
-                ("capacity", ctypes.c_int64), ("vocab", ctypes.c_int64), ("eps", ctypes.c_float),
+                ("capacity", ctypes.c_int64), ("eps", ctypes.c_float),
                 ("scaling", ctypes.c_float), ("layer", ctypes.c_void_p), ("final_norm", ctypes.c_void_p),
                 ("head", ctypes.c_void_p)]
 
@@ -132,9 +132,8 @@ class NativeStep:
                                 kc.data_ptr(), vc.data_ptr())
         self._layers = arr
         self.vocab = head.packed.out_features
-        self.hidden = dims["hidden"]
         self._struct = _StepModel(len(layers), dims["hidden"], dims["heads"], dims["kv_heads"], dims["head_dim"],
-                                  dims["inner"], dims["capacity"], self.vocab, dims["eps"], dims["scaling"],
+                                  dims["inner"], dims["capacity"], dims["eps"], dims["scaling"],
                                   ctypes.addressof(arr), final_norm.data_ptr(), head.address)
 
     def __call__(self, h: torch.Tensor, pos: int, cos: torch.Tensor, sin: torch.Tensor, threads: int,
