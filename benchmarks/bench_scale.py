@@ -57,6 +57,19 @@ from sparse_export.cli.main import run
 run()
 """
 
+# DeepSparse's per-operator breakdown of one 1 x N forward through a plain graph (argv: folder, N, threads, out).
+PROFILE = """
+import sys, tempfile
+from pathlib import Path
+from sparse_export import data
+from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy, layer_profile
+folder, n, threads, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4]
+ids, mask = data.random_tokens(49152, 1, n)
+with tempfile.TemporaryDirectory() as tmp:
+    path = fixed_shape_copy(folder / 'model.onnx', 1, n, tmp)
+    Path(out).write_text(layer_profile(path, [ids, mask], threads, iterations=1, warmup=1))
+"""
+
 
 def run_measured(args: list, log: Path) -> dict:
     """`sparse-export ARGS` in a child process: wall s, CPU s (wait4), peak RSS GiB (the child's VmHWM)."""
@@ -169,14 +182,33 @@ class Bench:
         r = self.step(f"export-{label}-{kind}", out, args)
         return out if (out / "sparse_export.json").exists() else None if r is None else out
 
+    def profile(self, label: str, folder: Path) -> None:
+        """--profile: DeepSparse's per-operator breakdown of the prefill, once per model (own process)."""
+        key = f"prefill/{label}"
+        if key in self.result.setdefault("profiles", {}):
+            return
+        out = self.logs / f"profile-{label}.txt"
+        print(f"profile deepsparse {label} ...", flush=True)
+        t0 = time.perf_counter()
+        code = subprocess.call([sys.executable, "-c", PROFILE, folder, str(self.args.seqlen), str(self.args.threads or 0),
+                                out], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        if code != 0 or not out.exists():
+            print(f"  profile FAILED ({code})", flush=True)
+            return
+        print(f"  {time.perf_counter() - t0:.0f} s", flush=True)
+        self.result["profiles"][key] = out.read_text()
+        self.save()
+
     def time(self, mode: str, label: str, folder: Path, runtime: str, rep: int = 0) -> dict | None:
         key = f"{mode}/{runtime}/{label}/{rep}"
+        if self.args.profile and mode == "prefill" and runtime == "deepsparse" and rep == 0:
+            self.profile(label, folder)
         if key in self.result["timings"] and not self.args.retime:
             return self.result["timings"][key]
         js = self.logs / f"{mode}-{runtime}-{label}-{rep}.json"
         args = ["benchmark", folder, "--runtime", runtime, "--json", js, "--threads", self.args.threads or 0]
         if mode == "prefill":
-            args += ["--seqlen", 400, "--warmup", self.args.warmup, "--iterations", self.args.iterations]
+            args += ["--seqlen", self.args.seqlen, "--warmup", self.args.warmup, "--iterations", self.args.iterations]
         elif mode == "step":      # one token, no cache: the weights a decode step reads, without attention
             args += ["--seqlen", 1, "--warmup", 3, "--iterations", self.args.step_iterations]
         else:
@@ -200,21 +232,45 @@ class Bench:
         return row
 
 
+def modes_of(args, kind: str) -> list[str]:
+    """The plain graph gives the prefill (and with --step one token through it: the weight traffic of a
+    decode step without the cache), the KV-cache graph the decode."""
+    if kind.startswith("prefill"):
+        return (["prefill"] if args.prefill else []) + (["step"] if args.step else [])
+    return ["decode"]
+
+
+def time_model(b: Bench, args, kind: str, label: str, folder: Path, rep: int) -> None:
+    prec = kind.split("-")[1]
+    for mode in modes_of(args, kind):
+        for rt in args.runtimes:
+            b.time(mode, f"{label}-{prec}", folder, rt, rep=rep)
+
+
+def graph(b: Bench, label: str, sparsity: float, kind: str, src: Path | None) -> tuple[Path | None, Path | None]:
+    """The graph folder of one model and kind (exported unless already there), and the pruned source used."""
+    out = b.work / f"{label}-{kind}"
+    if (out / "sparse_export.json").exists():
+        return out, src
+    src = src or b.model(sparsity)
+    return b.export(label, src, kind), src
+
+
 def run_shape(args) -> None:
     b = Bench(args)
     labels = {"dense": 0.0, **{f"sparse{int(s * 100)}": s for s in args.sparsities}}
     plain = args.prefill or args.step                                   # plain graphs, last-token logits
-    kinds = (["prefill-fp32"] if args.fp32 and plain else []) + (["prefill-int8"] if plain else [])
+    precs = (["fp32"] if args.fp32 else []) + (["int8"] if args.int8 else [])
+    kinds = [f"prefill-{p}" for p in precs] if plain else []
     if args.decode:                                                      # KV-cache graphs
-        kinds += (["decode-fp32"] if args.fp32 and args.fp32_decode else []) + ["decode-int8"]
+        kinds += (["decode-fp32"] if args.fp32 and args.fp32_decode else []) + (["decode-int8"] if args.int8 else [])
+    if args.one_at_a_time and not args.prepare_only:
+        return run_lean(b, args, labels, kinds)
     folders = {kind: {} for kind in kinds}
     for label, sparsity in labels.items():           # one pruned model at a time: disk
         src = None
         for kind in kinds:
-            out = b.work / f"{label}-{kind}"
-            if not (out / "sparse_export.json").exists():
-                src = src or b.model(sparsity)
-                out = b.export(label, src, kind)
+            out, src = graph(b, label, sparsity, kind, src)
             if out is not None:
                 folders[kind][label] = out
         if args.drop_pruned and sparsity and src is not None:
@@ -222,19 +278,45 @@ def run_shape(args) -> None:
     if args.prepare_only:
         return
     for kind in kinds:
-        graph, prec = kind.split("-")
-        # the plain graph gives the prefill (and with --step one token through it: the weight traffic of a
-        # decode step without the cache), the KV-cache graph the decode
-        modes = (["prefill"] if args.prefill else []) + (["step"] if args.step else []) if graph == "prefill" else ["decode"]
         found = folders[kind]
-        for mode in modes:
+        for mode in modes_of(args, kind):
             for rt in args.runtimes:
                 order = list(found) + (["dense"] if args.rerun and "dense" in found and len(found) > 1 else [])
                 for i, label in enumerate(order):
-                    b.time(mode, f"{label}-{prec}", found[label], rt, rep=int(i > 0 and label == "dense"))
+                    b.time(mode, f"{label}-{prec_of(kind)}", found[label], rt, rep=int(i > 0 and label == "dense"))
         if args.cleanup:
             for v in found.values():
                 shutil.rmtree(v, ignore_errors=True)
+    write_table()
+
+
+def prec_of(kind: str) -> str:
+    return kind.split("-")[1]
+
+
+def run_lean(b: Bench, args, labels: dict, kinds: list[str]) -> None:
+    """Disk for two graphs at a time: each model is exported, timed on every runtime and its graphs deleted
+    before the next one is built; the dense graphs stay for the rerun at the end (drift)."""
+    dense = {}
+    for label, sparsity in labels.items():
+        src, outs = None, {}
+        for kind in kinds:
+            outs[kind], src = graph(b, label, sparsity, kind, src)
+        if args.drop_pruned and sparsity and src is not None:
+            shutil.rmtree(src, ignore_errors=True)
+        for kind, out in outs.items():
+            if out is None:
+                continue
+            time_model(b, args, kind, label, out, rep=0)
+            if label == "dense":
+                dense[kind] = out
+            elif args.cleanup:
+                shutil.rmtree(out, ignore_errors=True)
+    for kind, out in dense.items():
+        if args.rerun and len(labels) > 1:
+            time_model(b, args, kind, "dense", out, rep=1)
+        if args.cleanup:
+            shutil.rmtree(out, ignore_errors=True)
     write_table()
 
 
@@ -282,6 +364,35 @@ STEP_COLS = [("shape", "shape"), ("step", "step"), ("wall s", "wall_s"), ("CPU s
              ("peak RSS GiB", "peak_rss_gib")]
 
 
+def profile_split(text: str) -> dict:
+    """ms per part of a DeepSparse layer breakdown: dense matmuls (`gemm`), sparse matmul kernels (`ks_*`),
+    the LM head (the kernel whose shape holds the vocabulary, 32000 or more), `pyramid` (DeepSparse's fused
+    blocks of several operators, matmuls possibly among them), the rest."""
+    import re
+
+    parts = {"total": float(re.search(r"Summed Total Time: ([\d.]+)", text).group(1)), "dense_matmul": 0.0,
+             "sparse_matmul": 0.0, "lm_head": 0.0, "pyramid": 0.0}
+    group = None
+    for line in text.splitlines():
+        m = re.match(r"(\s*)(\S.*?)\s*\|\s*([\d.]+)\s*\|", line)
+        if not m:
+            continue
+        name, ms = m.group(2), float(m.group(3))
+        if not m.group(1):
+            group = name
+            parts["pyramid"] += ms if name == "pyramid" else 0.0
+        elif group == "gemm" or group.startswith("ks_"):
+            dims = [int(d) for d in re.findall(r"\d+", name)]
+            part = "lm_head" if max(dims, default=0) >= 32000 else "dense_matmul" if group == "gemm" else "sparse_matmul"
+            parts[part] += ms
+    parts["other"] = parts["total"] - sum(parts[k] for k in ("dense_matmul", "sparse_matmul", "lm_head", "pyramid"))
+    return parts
+
+
+PROFILE_COLS = [("shape", "shape"), ("profile", "key"), ("total ms", "total"), ("dense matmul ms", "dense_matmul"),
+                ("sparse matmul ms", "sparse_matmul"), ("LM head ms", "lm_head"), ("pyramid ms", "pyramid"), ("other ms", "other")]
+
+
 def write_table() -> None:
     results = [json.loads(p.read_text()) for p in sorted(RESULTS.glob("scale-*.json"))]
     order = ["smollm2", "tinyllama-1.1b", "llama-3.2-3b", "llama-3-8b"]
@@ -289,6 +400,8 @@ def write_table() -> None:
     rows = [r for res in results for r in rows_of(res)]
     rows.sort(key=lambda r: (order.index(r["shape"]) if r["shape"] in order else 99, r["mode"], r["runtime"]))
     steps = [{"shape": res["shape"], "step": k, **v} for res in results for k, v in res.get("steps", {}).items()]
+    profiles = [{"shape": res["shape"], "key": k, **profile_split(v)} for res in results
+                for k, v in res.get("profiles", {}).items()]
     cpu = results[0]["cpu"] if results else cpu_name()
     text = (f"# CPU speed at real sizes\n\n{cpu}. Random-weight models with real shapes (speed and memory are "
             "honest, accuracy is meaningless); sparse = magnitude pruning, streamed. Prefill: 1 x 400 tokens, "
@@ -297,6 +410,10 @@ def write_table() -> None:
             "column shows the drift). GB read per token: decoder Linear weights (int8 nonzeros + 1-bit mask when "
             "sparse, 1 byte per weight when dense int8, fp32 nonzeros otherwise) + the LM head as exported.\n\n"
             f"{table(rows, COLS)}\n\n## Cost of each step\n\n{table(steps, STEP_COLS)}\n")
+    if profiles:
+        text += ("\n## Where DeepSparse's prefill time goes\n\nIts per-operator profile (debug analysis, one "
+                 "forward after one warm-up, separate from the timed runs); full breakdowns in the results JSON. "
+                 f"Sparse kernels are the `ks_*` groups.\n\n{table(profiles, PROFILE_COLS)}\n")
     (RESULTS / "scale.md").write_text(text)
     print(text)
 
@@ -308,8 +425,11 @@ def main():
     ap.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7])
     ap.add_argument("--runtimes", nargs="+", default=["deepsparse", "onnxruntime"])
     ap.add_argument("--fp32", action=argparse.BooleanOptionalAction, default=True, help="also fp32 graphs")
+    ap.add_argument("--int8", action=argparse.BooleanOptionalAction, default=True, help="also INT8 graphs")
     ap.add_argument("--prefill", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--decode", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--seqlen", type=int, default=400, help="prefill tokens")
+    ap.add_argument("--profile", action="store_true", help="DeepSparse's per-operator profile of each prefill")
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--warmup", type=int, default=1)
@@ -325,6 +445,9 @@ def main():
     ap.add_argument("--prepare-only", action="store_true", help="build the models and graphs, time nothing")
     ap.add_argument("--drop-pruned", action="store_true", help="delete each pruned folder once exported (disk)")
     ap.add_argument("--cleanup", action="store_true", help="delete each set of graphs once timed (disk)")
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="export, time and (with --cleanup/--drop-pruned) delete one model at a time: disk for "
+                         "two graphs (dense kept for the rerun); the runtimes alternate per model")
     ap.add_argument("--retime", action="store_true", help="time again what the results already hold")
     ap.add_argument("--table", action="store_true", help="only rebuild benchmarks/results/scale.md")
     args = ap.parse_args()
