@@ -35,7 +35,7 @@ import torch
 from .. import data, models
 from ..errors import UserError
 from ..outputs import META_FILE, atomic_dir, read_meta, write_json
-from ..pruning.grid import grid_info, int_weight, recorded_scales, round_weights
+from ..pruning.grid import grid_info, grid_tolerance, int_weight, recorded_scales, round_weights
 from ..pruning.pruners import PRUNERS
 from .graph import ONNX_FILE, digest, load_onnx, match_modules, save_onnx, sparsity_summary, weight_sparsity
 from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, input_quant_errors
@@ -237,8 +237,8 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     None quantizes every module. max_error: also keep fp32 each module whose output its int8 input
     changes by more than this relative squared error (int8_calib.input_quant_errors; a second pass).
     Puts every weight exactly on its grid in place (a no-op for fp32 --wbits models; 16-bit storage
-    is up to 1/4 step off), so `model` becomes the fake-quantized reference together with
-    int8_calib.fake_int8. attention=False (or an architecture outside archs.STANDARD_ATTENTION) keeps
+    is off by up to 0.03 (float16) or 0.5 (bfloat16) steps: pruning.grid.grid_tolerance), so `model`
+    becomes the fake-quantized reference together with int8_calib.fake_int8. attention=False (or an architecture outside archs.STANDARD_ATTENTION) keeps
     the score matmuls fp32. head: also quantize the LM head (its input range from the same pass, kept fp32
     by the same outlier / max_error tests; its weight rounded to nearest per vocabulary row and untied
     from the embedding: int8_calib.grid_head); the scales and qparams then include it. `details`, when
@@ -247,7 +247,7 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     """
     names = models.prunable_names(model)
     scales = recorded_scales(meta, names)
-    tol = 1e-3 if stored_dtype == torch.float32 else 0.3
+    tol = grid_tolerance(stored_dtype)
     with torch.no_grad():
         for n, s in scales.items():
             mod = model.get_submodule(n)

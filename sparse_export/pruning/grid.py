@@ -66,6 +66,17 @@ def round_weights(model, bits: int = 8, per_channel: bool = True, names=None) ->
     return scales
 
 
+def grid_tolerance(stored: torch.dtype) -> float:
+    """How far (in steps) weights stored in `stored` may sit from their grid and still be read back.
+
+    float32 holds grid values exactly. A 16-bit store moves q * scale by at most half its last place:
+    float16 (11-bit significand) under 127 / 2**12 = 0.03 steps, bfloat16 (8 bits) under 127 / 2**8 = 0.496
+    steps: still the nearest integer, so rounding reads the grid back, but nothing finer can be checked."""
+    if stored == torch.float32:
+        return 1e-3
+    return 0.5 if stored == torch.bfloat16 else 0.3
+
+
 def int_weight(W: torch.Tensor, scale, bits: int = 8, tol: float = 1e-3, name: str = "weights") -> torch.Tensor:
     """W (out x in) as integers on the grid given by `scale` (per row); checks it is on the grid."""
     scale = torch.as_tensor(scale, dtype=torch.float32).reshape(-1, 1)

@@ -11,7 +11,8 @@ from sparse_export.outputs import read_meta
 from sparse_export.pruning.driver import prune_group
 from sparse_export.pruning.grid import QUANT_HEADROOM, make_quantizer
 from sparse_export.pruning.recipe import Recipe
-from sparse_export.pruning.grid import int_weight, round_weights
+from sparse_export.errors import UserError
+from sparse_export.pruning.grid import grid_tolerance, int_weight, round_weights
 from sparse_export.pruning.jobs import round_pruned_folder
 from sparse_export.pruning.pruners import sparsegpt
 
@@ -183,3 +184,19 @@ def test_grid_leaves_room_for_the_updates():
     assert got[1.0][1] > 0  # without headroom the updates do push weights to the grid's end
     assert got[None][1] < got[1.0][1] / 2
     assert got[None][2] < got[1.0][2]
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float16])
+def test_int_weight_reads_16bit_storage_back(stored):
+    # a --wbits 8 prune of a bf16/fp16 model saves q * scale in 16 bits; the export must get q back exactly
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(-127, 128, (64, 256), generator=g).float()
+    scale = torch.rand(64, generator=g) * 0.02 + 1e-3
+    W = (q * scale[:, None]).to(stored).float()
+    off = float((W / scale[:, None] - q).abs().max())
+    if stored == torch.bfloat16:
+        assert off > 0.3          # past the old 16-bit tolerance: the 1.1B-shape run failed on this
+    assert off < grid_tolerance(stored)
+    assert torch.equal(int_weight(W, scale.tolist(), tol=grid_tolerance(stored)).float(), q)
+    with pytest.raises(UserError):                       # fp32 storage keeps the strict check
+        int_weight(W, scale.tolist(), tol=grid_tolerance(torch.float32))

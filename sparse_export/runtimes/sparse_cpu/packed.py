@@ -99,12 +99,12 @@ def int8_grid(w, scale=None) -> tuple[np.ndarray, np.ndarray, bool]:
     """
     import torch
 
-    from ...pruning.grid import int_weight
+    from ...pruning.grid import grid_tolerance, int_weight
 
-    low_precision = w.dtype != torch.float32
+    stored = w.dtype
     w = w.detach().float()
     if scale is not None:
-        q = int_weight(w, scale, tol=0.49 if low_precision else 1e-3)
+        q = int_weight(w, scale, tol=grid_tolerance(stored))
         return q.numpy(), np.asarray(scale, np.float32).reshape(-1), True
     s = w.abs().amax(dim=1).clamp_min(1e-12) / 127
     q = torch.clamp(torch.round(w / s[:, None]), -128, 127).to(torch.int8)
