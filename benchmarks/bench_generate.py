@@ -186,24 +186,18 @@ def report(res):
 
 def profile_summary(text):
     """ms per group from DeepSparse's layer breakdown text (see report)."""
-    import re
+    from sparse_export.runtimes.deepsparse_rt import profile_entries
 
     decoder = head = concat = 0.0
-    group = None
-    for line in text.splitlines():
-        m = re.match(r"(\s*)(\S.*?)\s*\|\s*([\d.]+)\s*\|", line)
-        if not m:
-            continue
-        name, ms = m.group(2), float(m.group(3))
-        if not m.group(1):  # an operator group; kernels are listed indented below it
-            group = name
-            concat += ms if name == "shuffle" else 0.0
+    total, entries = profile_entries(text)
+    for group, kernel, ms in entries:
+        if kernel is None:
+            concat += ms if group == "shuffle" else 0.0
         elif group in ("gemm", "ks_gevm_be") or group.startswith("ks_"):
-            if "49152" in name:
+            if "49152" in kernel:
                 head += ms
             else:
                 decoder += ms
-    total = float(re.search(r"Summed Total Time: ([\d.]+)", text).group(1))
     return {"total": total, "decoder": decoder, "head": head, "concat": concat}
 
 

@@ -284,14 +284,9 @@ def speed_only(args, cfg, work, folders, dense, act, step):
 
 def profile(deploy_dir, threads):
     """DeepSparse's layer breakdown of one 1 x 400 forward pass (text from its debug analysis)."""
-    import numpy as np
+    from sparse_export.runtimes.deepsparse_rt import prefill_profile
 
-    from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy, layer_profile
-
-    ids = data.random_tokens(49152, 1, 400)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = fixed_shape_copy(Path(deploy_dir) / "model.onnx", 1, 400, tmp)
-        return layer_profile(path, [ids, np.ones_like(ids)], threads, iterations=10, warmup=2)
+    return prefill_profile(deploy_dir, 400, threads, iterations=10, warmup=2)
 
 
 # ---- --graph: the INT8 graph's own accuracy per option, and its DeepSparse speed ---------------------

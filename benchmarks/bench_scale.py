@@ -59,15 +59,10 @@ run()
 
 # DeepSparse's per-operator breakdown of one 1 x N forward through a plain graph (argv: folder, N, threads, out).
 PROFILE = """
-import sys, tempfile
-from pathlib import Path
-from sparse_export import data
-from sparse_export.runtimes.deepsparse_rt import fixed_shape_copy, layer_profile
-folder, n, threads, out = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4]
-ids, mask = data.random_tokens(49152, 1, n)
-with tempfile.TemporaryDirectory() as tmp:
-    path = fixed_shape_copy(folder / 'model.onnx', 1, n, tmp)
-    Path(out).write_text(layer_profile(path, [ids, mask], threads, iterations=1, warmup=1))
+import sys
+from sparse_export.runtimes.deepsparse_rt import prefill_profile
+folder, n, threads, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]) or None, sys.argv[4]
+open(out, 'w').write(prefill_profile(folder, n, threads, iterations=1, warmup=1))
 """
 
 
@@ -370,19 +365,15 @@ def profile_split(text: str) -> dict:
     blocks of several operators, matmuls possibly among them), the rest."""
     import re
 
-    parts = {"total": float(re.search(r"Summed Total Time: ([\d.]+)", text).group(1)), "dense_matmul": 0.0,
-             "sparse_matmul": 0.0, "lm_head": 0.0, "pyramid": 0.0}
-    group = None
-    for line in text.splitlines():
-        m = re.match(r"(\s*)(\S.*?)\s*\|\s*([\d.]+)\s*\|", line)
-        if not m:
-            continue
-        name, ms = m.group(2), float(m.group(3))
-        if not m.group(1):
-            group = name
-            parts["pyramid"] += ms if name == "pyramid" else 0.0
+    from sparse_export.runtimes.deepsparse_rt import profile_entries
+
+    total, entries = profile_entries(text)
+    parts = {"total": total, "dense_matmul": 0.0, "sparse_matmul": 0.0, "lm_head": 0.0, "pyramid": 0.0}
+    for group, kernel, ms in entries:
+        if kernel is None:
+            parts["pyramid"] += ms if group == "pyramid" else 0.0
         elif group == "gemm" or group.startswith("ks_"):
-            dims = [int(d) for d in re.findall(r"\d+", name)]
+            dims = [int(d) for d in re.findall(r"\d+", kernel)]
             part = "lm_head" if max(dims, default=0) >= 32000 else "dense_matmul" if group == "gemm" else "sparse_matmul"
             parts[part] += ms
     parts["other"] = parts["total"] - sum(parts[k] for k in ("dense_matmul", "sparse_matmul", "lm_head", "pyramid"))

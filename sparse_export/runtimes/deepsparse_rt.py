@@ -43,6 +43,34 @@ def layer_profile(path, inputs: list[np.ndarray], threads: int | None = None, it
     return construct_layer_statistics(engine.analyze(inputs, val_inp=False))
 
 
+def prefill_profile(folder, seqlen: int = 400, threads: int | None = None, iterations: int = 10,
+                    warmup: int = 2, vocab: int = 49152) -> str:
+    """layer_profile of one 1 x seqlen forward through the plain graph in deployment `folder` (random tokens)."""
+    import tempfile
+
+    from .. import data
+
+    ids, mask = data.random_tokens(vocab, 1, seqlen)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = fixed_shape_copy(Path(folder) / "model.onnx", 1, seqlen, tmp)
+        return layer_profile(path, [ids, mask], threads, iterations, warmup)
+
+
+def profile_entries(text: str) -> tuple[float, list[tuple[str, str | None, float]]]:
+    """A layer_profile text as (summed total ms, [(operator group, kernel or None for the group line, ms)])."""
+    import re
+
+    entries, group = [], None
+    for line in text.splitlines():
+        m = re.match(r"(\s*)(\S.*?)\s*\|\s*([\d.]+)\s*\|", line)
+        if not m:
+            continue
+        if not m.group(1):           # an operator group; its kernels are listed indented below it
+            group = m.group(2)
+        entries.append((group, m.group(2) if m.group(1) else None, float(m.group(3))))
+    return float(re.search(r"Summed Total Time: ([\d.]+)", text).group(1)), entries
+
+
 class DeepSparseRuntime(Runtime):
     name = "deepsparse"
     package = "deepsparse"
