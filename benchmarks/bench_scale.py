@@ -236,10 +236,9 @@ def modes_of(args, kind: str) -> list[str]:
 
 
 def time_model(b: Bench, args, kind: str, label: str, folder: Path, rep: int) -> None:
-    prec = kind.split("-")[1]
     for mode in modes_of(args, kind):
         for rt in args.runtimes:
-            b.time(mode, f"{label}-{prec}", folder, rt, rep=rep)
+            b.time(mode, f"{label}-{prec_of(kind)}", folder, rt, rep=rep)
 
 
 def graph(b: Bench, label: str, sparsity: float, kind: str, src: Path | None) -> tuple[Path | None, Path | None]:

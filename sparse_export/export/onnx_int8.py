@@ -238,8 +238,8 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     changes by more than this relative squared error (int8_calib.input_quant_errors; a second pass).
     Puts every weight exactly on its grid in place (a no-op for fp32 --wbits models; 16-bit storage
     is off by up to 0.03 (float16) or 0.5 (bfloat16) steps: pruning.grid.grid_tolerance), so `model`
-    becomes the fake-quantized reference together with int8_calib.fake_int8. attention=False (or an architecture outside archs.STANDARD_ATTENTION) keeps
-    the score matmuls fp32. head: also quantize the LM head (its input range from the same pass, kept fp32
+    becomes the fake-quantized reference together with int8_calib.fake_int8. attention=False (or an
+    architecture outside archs.STANDARD_ATTENTION) keeps the score matmuls fp32. head: also quantize the LM head (its input range from the same pass, kept fp32
     by the same outlier / max_error tests; its weight rounded to nearest per vocabulary row and untied
     from the embedding: int8_calib.grid_head); the scales and qparams then include it. `details`, when
     given, gets "head": the int8 metadata's head entry (int8_calib.head_choice). Returns (scales, qparams,
