@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ... import archs
 from ...attention import heads, rotary
-from .kernel import NativeStep
+from .kernel import NativeStep, decode_batch
 from .model import Int8Linear
 
 LEAN_ARCHS = ("llama", "mistral", "qwen2")
@@ -145,3 +145,26 @@ class LeanDecoder:
             h = h + down(act(g) * u)
         cache.length = total
         return self.head(self.model.model.norm(h[:, -1:]))
+
+    def step_batch(self, tokens: list[int], caches: list[LeanCache]) -> torch.Tensor:
+        """One decode step of B sequences as one native call: token b after caches[b]'s tokens. Returns the
+        logits [B, vocab]; row b is bit for bit what self([[tokens[b]]], caches[b]) gives. Needs the native
+        step (self.native)."""
+        if not self.native:
+            raise ValueError("a batched step needs the native decode step")
+        lengths = [c.length for c in caches]
+        for c, n in zip(caches, lengths):
+            if self.window and n + 1 > self.window:
+                raise ValueError(f"{n + 1} tokens exceed the sliding window ({self.window}) the lean loop handles")
+            c.reserve(n + 1)
+        steps = [self._native_step(c) for c in caches]
+        pos = torch.tensor([lengths])
+        h = self.model.model.embed_tokens(torch.tensor([tokens]))
+        cos, sin, _, _ = self.arch.rope(self.model, pos)
+        B = len(caches)
+        logits = decode_batch(steps, h.reshape(B, -1).float().contiguous(), lengths,
+                              cos.reshape(B, -1).float().contiguous(), sin.reshape(B, -1).float().contiguous(),
+                              self.head.threads, self.head.path)
+        for c, n in zip(caches, lengths):
+            c.length = n + 1
+        return logits

@@ -620,62 +620,92 @@ void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_
 void norm_plain(const float* x, const float* w, int64_t n, float eps, float* y) { norm_body(x, w, n, eps, y); }
 void silu_plain(const float* gu, int64_t inner, float* act) { silu_body(gu, inner, act); }
 
-// All query heads on the pool, one head per chunk (each writes only its own slice of out and of p).
+// Every query head of every sequence on the pool, one (sequence, head) per chunk (each writes only its own
+// slice of out and of p). Sequence b attends over its own cache (M[b]'s StepLayer l) up to total[b].
 struct AttendJob {
   const StepOps* ops;
-  const StepModel& M;
-  const StepLayer& S;
-  const float* q;
-  int64_t total;
-  float* p;    // [heads][total]
-  float* out;
+  const StepModel* const* M;
+  int64_t l, heads;
+  const float* q;          // [B][qkv row]: row b's query heads first
+  int64_t q_stride;
+  const int64_t* total;    // [B]
+  const int64_t* p_off;    // [B]: where sequence b's [heads][total[b]] scratch starts in p
+  float* p;
+  float* out;              // [B][heads * head_dim]
 
-  static void chunk(void* ctx, int64_t i) {
+  static void chunk(void* ctx, int64_t c) {
     auto& j = *static_cast<AttendJob*>(ctx);
-    j.ops->attend(j.M, j.S, j.q, j.total, j.p + i * j.total, j.out, i);
+    int64_t b = c / j.heads, i = c % j.heads;
+    const StepModel& M = *j.M[b];
+    j.ops->attend(M, M.layer[j.l], j.q + b * j.q_stride, j.total[b], j.p + j.p_off[b] + i * j.total[b],
+                  j.out + b * j.heads * M.head_dim, i);
   }
 };
 
-int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, const float* sin, float* logits,
-                int threads, bool fast, double* kernel_s) {
-  const int64_t H = M.heads, KV = M.kv_heads, D = M.head_dim, total = pos + 1;
+// One decode step for B sequences at once. M[b]: sequence b's model (the same weights in every one; its own
+// caches and capacity). h [B][hidden]: the tokens' embeddings (overwritten); pos[b]: sequence b's cached
+// tokens (its key and value are written there); cos, sin [B][head_dim]: the rotary tables of pos[b];
+// logits [B][vocab] out. Each Linear runs once over the B rows (row b's result does not depend on the
+// others: per-row quantization, exact integer sums), norms, rotary and attention per row with the same
+// code as one sequence alone, so every row's logits are what a step of that sequence alone gives.
+int decode_batch(const StepModel* const* M, int64_t B, float* h, const int64_t* pos, const float* cos,
+                 const float* sin, float* logits, int threads, bool fast, double* kernel_s) {
+  const StepModel& W = *M[0];  // the weights
+  const int64_t H = W.heads, KV = W.kv_heads, D = W.head_dim, hid = W.hidden, QKV = (H + 2 * KV) * D;
   const StepOps ops = fast ? StepOps{attend_fast, norm_fast, silu_fast} : StepOps{attend_plain, norm_plain, silu_plain};
-  std::vector<float> x(M.hidden), qkv((H + 2 * KV) * D), att(H * D), y(M.hidden), gu(2 * M.inner),
-      act(M.inner), p(H * total);
+  std::vector<int64_t> total(B), p_off(B + 1, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    total[b] = pos[b] + 1;
+    p_off[b + 1] = p_off[b] + H * total[b];
+  }
+  std::vector<float> x(B * hid), qkv(B * QKV), att(B * H * D), y(B * hid), gu(B * 2 * W.inner),
+      act(B * W.inner), p(p_off[B]);
   double spent = 0;
   auto mm = [&](const Layer* L, const float* in, float* out) {
     auto t = std::chrono::steady_clock::now();
-    int rc = apply(*L, in, 1, out, nullptr, threads, fast);
+    int rc = apply(*L, in, B, out, nullptr, threads, fast);
     spent += std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
     return rc;
   };
-  for (int64_t l = 0; l < M.layers; ++l) {
-    const StepLayer& S = M.layer[l];
-    ops.norm(h, S.norm1, M.hidden, M.eps, x.data());
+  for (int64_t l = 0; l < W.layers; ++l) {
+    const StepLayer& S = W.layer[l];
+    for (int64_t b = 0; b < B; ++b) ops.norm(h + b * hid, S.norm1, hid, W.eps, x.data() + b * hid);
     if (mm(S.qkv, x.data(), qkv.data())) return -2;
-    float* q = qkv.data();
-    float* k = q + H * D;
-    float* v = k + KV * D;
-    for (int64_t i = 0; i < H; ++i) rotate(q + i * D, cos, sin, D);
-    for (int64_t g = 0; g < KV; ++g) {
-      rotate(k + g * D, cos, sin, D);
-      std::memcpy(S.k_cache + (g * M.capacity + pos) * D, k + g * D, D * sizeof(float));
-      std::memcpy(S.v_cache + (g * M.capacity + pos) * D, v + g * D, D * sizeof(float));
+    for (int64_t b = 0; b < B; ++b) {
+      const StepLayer& C = M[b]->layer[l];  // sequence b's cache
+      const int64_t cap = M[b]->capacity;
+      float* q = qkv.data() + b * QKV;
+      float* k = q + H * D;
+      float* v = k + KV * D;
+      const float *c = cos + b * D, *s = sin + b * D;
+      for (int64_t i = 0; i < H; ++i) rotate(q + i * D, c, s, D);
+      for (int64_t g = 0; g < KV; ++g) {
+        rotate(k + g * D, c, s, D);
+        std::memcpy(C.k_cache + (g * cap + pos[b]) * D, k + g * D, D * sizeof(float));
+        std::memcpy(C.v_cache + (g * cap + pos[b]) * D, v + g * D, D * sizeof(float));
+      }
     }
-    AttendJob job{&ops, M, S, q, total, p.data(), att.data()};
-    pool().run(threads, H, &AttendJob::chunk, &job);
+    AttendJob job{&ops, M, l, H, qkv.data(), QKV, total.data(), p_off.data(), p.data(), att.data()};
+    pool().run(threads, B * H, &AttendJob::chunk, &job);
     if (mm(S.o, att.data(), y.data())) return -2;
-    for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
-    ops.norm(h, S.norm2, M.hidden, M.eps, x.data());
+    for (int64_t i = 0; i < B * hid; ++i) h[i] += y[i];
+    for (int64_t b = 0; b < B; ++b) ops.norm(h + b * hid, S.norm2, hid, W.eps, x.data() + b * hid);
     if (mm(S.gate_up, x.data(), gu.data())) return -2;
-    ops.silu(gu.data(), M.inner, act.data());
+    for (int64_t b = 0; b < B; ++b) ops.silu(gu.data() + b * 2 * W.inner, W.inner, act.data() + b * W.inner);
     if (mm(S.down, act.data(), y.data())) return -2;
-    for (int64_t i = 0; i < M.hidden; ++i) h[i] += y[i];
+    for (int64_t i = 0; i < B * hid; ++i) h[i] += y[i];
   }
-  ops.norm(h, M.final_norm, M.hidden, M.eps, x.data());
-  if (mm(M.head, x.data(), logits)) return -2;
+  for (int64_t b = 0; b < B; ++b) ops.norm(h + b * hid, W.final_norm, hid, W.eps, x.data() + b * hid);
+  if (mm(W.head, x.data(), logits)) return -2;
   if (kernel_s) *kernel_s += spent;
   return 0;
+}
+
+// One sequence: the batch of one.
+int decode_step(const StepModel& M, float* h, int64_t pos, const float* cos, const float* sin, float* logits,
+                int threads, bool fast, double* kernel_s) {
+  const StepModel* one = &M;
+  return decode_batch(&one, 1, h, &pos, cos, sin, logits, threads, fast, kernel_s);
 }
 
 const bool HAS_FAST = cpu_has_fast();
@@ -685,7 +715,7 @@ const bool HAS_FAST = cpu_has_fast();
 extern "C" {
 
 // Bumped whenever the Layer struct or a signature changes: kernel.py refuses a stale build.
-int sc_abi_version(void) { return 6; }
+int sc_abi_version(void) { return 7; }
 
 // 1 when the AVX-512 VBMI2 + VNNI path can run on this CPU.
 int sc_has_fast(void) { return HAS_FAST ? 1 : 0; }
@@ -722,6 +752,17 @@ int sc_decode_step(const StepModel* M, float* h, int64_t pos, const float* cos, 
   bool fast = path == 2 || (path == 0 && HAS_FAST);
   if (fast && !HAS_FAST) return -1;
   return decode_step(*M, h, pos, cos, sin, logits, threads < 1 ? 1 : threads, fast, kernel_s);
+}
+
+// sc_decode_step for B sequences in one call (decode_batch): M [B] their models (the same weights, each
+// sequence's own caches), h [B][hidden], pos [B], cos and sin [B][head_dim], logits [B][vocab].
+// Every row's results equal a sc_decode_step of that sequence alone, bit for bit. Returns as sc_decode_step.
+int sc_decode_batch(const StepModel* const* M, int64_t B, float* h, const int64_t* pos, const float* cos,
+                    const float* sin, float* logits, int threads, int path, double* kernel_s) {
+  bool fast = path == 2 || (path == 0 && HAS_FAST);
+  if (fast && !HAS_FAST) return -1;
+  if (B < 1) return 0;
+  return decode_batch(M, B, h, pos, cos, sin, logits, threads < 1 ? 1 : threads, fast, kernel_s);
 }
 
 // Read `bytes` bytes once with `threads` threads (a streaming-read bandwidth probe); returns a checksum.

@@ -16,7 +16,7 @@ import torch
 from ...errors import UserError
 from .packed import PackedLinear
 
-ABI_VERSION = 6   # kernel.cpp's sc_abi_version(): a library built from another source is refused
+ABI_VERSION = 7   # kernel.cpp's sc_abi_version(): a library built from another source is refused
 PATHS = {"auto": 0, "scalar": 1, "avx512": 2}
 PATH_ENV = "SPARSE_EXPORT_CPU_KERNEL"
 _MODULE = "sparse_export.runtimes.sparse_cpu._kernel"
@@ -68,6 +68,8 @@ def library() -> ctypes.CDLL:
         lib.sc_linear.restype = c_int
         lib.sc_decode_step.argtypes = [p, p, i64, p, p, p, c_int, c_int, p]
         lib.sc_decode_step.restype = c_int
+        lib.sc_decode_batch.argtypes = [p, i64, p, p, p, p, p, c_int, c_int, p]
+        lib.sc_decode_batch.restype = c_int
         lib.sc_stream_read.argtypes = [p, i64, c_int, c_int]
         lib.sc_stream_read.restype = ctypes.c_uint64
         _LIB = lib
@@ -149,6 +151,26 @@ class NativeStep:
             clock.seconds += spent.value
             clock.calls += 1
         return logits
+
+
+def decode_batch(steps: list[NativeStep], h: torch.Tensor, pos: list[int], cos: torch.Tensor, sin: torch.Tensor,
+                 threads: int, path: int) -> torch.Tensor:
+    """One decode step of B sequences in one call (kernel.cpp's decode_batch): steps[b] is sequence b's
+    NativeStep (the same weights, its own cache), h [B, hidden] float32 their tokens' embeddings
+    (overwritten), pos[b] its cached tokens, cos, sin [B, head_dim] the rotary tables of those positions.
+    Returns the logits [B, vocab] float32, each row bit for bit what steps[b] alone gives."""
+    B = len(steps)
+    models = (ctypes.c_void_p * B)(*[ctypes.addressof(s._struct) for s in steps])
+    positions = (ctypes.c_int64 * B)(*pos)
+    logits = torch.empty(B, steps[0].vocab)
+    spent = ctypes.c_double(0.0)
+    _check(library().sc_decode_batch(models, B, h.data_ptr(), positions, cos.data_ptr(), sin.data_ptr(),
+                                     logits.data_ptr(), threads, path, ctypes.byref(spent)))
+    clock = KernelClock.active
+    if clock:
+        clock.seconds += spent.value
+        clock.calls += 1
+    return logits
 
 
 def quantize(x: np.ndarray, path: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
