@@ -16,7 +16,9 @@ from ..runtimes.generate import TextStream
 from ..runtimes.sparse_cpu.batch import BatchSession, Slot
 from .metrics import Metrics
 
-FAULT_ENV = "SPARSE_EXPORT_SERVE_FAULT"  # tests: a prompt containing this text fails inside the scheduler
+# test hooks: a prompt containing $SPARSE_EXPORT_SERVE_FAULT fails inside the scheduler;
+# $SPARSE_EXPORT_SERVE_STEP_DELAY seconds are slept after each decode step (keeps requests in flight)
+FAULT_ENV, DELAY_ENV = "SPARSE_EXPORT_SERVE_FAULT", "SPARSE_EXPORT_SERVE_STEP_DELAY"
 
 
 class QueueFull(Exception):
@@ -78,6 +80,7 @@ class Scheduler:
         self.stopping = False
         self.thread = None
         self.fault = os.environ.get(FAULT_ENV)
+        self.delay = float(os.environ.get(DELAY_ENV) or 0)
 
     # ---- called from the HTTP side
     def submit(self, req: Request) -> None:
@@ -123,6 +126,8 @@ class Scheduler:
             self._admit()
             if self.active:
                 self._step()
+                if self.delay:
+                    time.sleep(self.delay)
         for r in list(self.waiting) + self.active:
             self._fail(r, 503, "the server is shutting down")
         self.waiting.clear()
