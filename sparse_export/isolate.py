@@ -19,17 +19,20 @@ from typing import Any
 from .errors import EngineCrash, UserError
 
 
-def call(target: str, kwargs: dict, what: str, hint: str = "", child: bool = True) -> Any:
+def call(target: str, kwargs: dict, what: str, hint: str = "", child: bool = True, stdout: bool = False) -> Any:
     """target(**kwargs) in a fresh Python; kwargs and the result must be JSON. `what` names the work.
-    child=False: call it here instead (engines that need no isolation)."""
+    child=False: call it here instead (engines that need no isolation). stdout: the child writes to this
+    process's standard output (text it streams) instead of nowhere."""
     if not child:
         module, func = target.split(":")
         return getattr(importlib.import_module(module), func)(**kwargs)
     with tempfile.TemporaryDirectory(prefix="sparse-export-child-") as tmp:
         args, out = Path(tmp) / "args.json", Path(tmp) / "out.json"
         args.write_text(json.dumps(kwargs, default=str))
+        if stdout:
+            sys.stdout.flush()
         proc = subprocess.run([sys.executable, "-m", "sparse_export.isolate", target, str(args), str(out)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
+                              stdout=None if stdout else subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, errors="replace")
         result = json.loads(out.read_text()) if out.is_file() else None
     if result is not None and "user_error" in result:
         raise UserError(result["user_error"])

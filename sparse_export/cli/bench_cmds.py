@@ -32,13 +32,17 @@ def benchmark_cmd(
 ):
     """Latency of a forward pass over --batch x --seqlen tokens, per runtime, and the speedup over --baseline."""
     folders = {"model": model, **({"baseline": baseline} if baseline else {})}
+    log = (lambda msg: typer.echo(msg, err=True))
+    # an engine that crashes (DeepSparse 1.8 on some graphs) is retried once on one thread, else one line
     if mode != "prefill":
         from ..measure.generation import run_cli
 
-        return run_cli(mode, folders, runtime, prompt_tokens, new_tokens, warmup, iterations, threads, json_out, plot)
+        return run_cli(mode, folders, runtime, prompt_tokens, new_tokens, warmup, iterations, threads, json_out, plot,
+                       on_crash="retry", log=log)
     from ..measure.prefill import benchmark_prefill, prefill_table, save_prefill
 
     result = benchmark_prefill(folders, runtime or None, baseline="baseline" if baseline else None, batch=batch,
-                               seqlen=seqlen, warmup=warmup, iterations=iterations, threads=threads, logits=logits)
+                               seqlen=seqlen, warmup=warmup, iterations=iterations, threads=threads, logits=logits,
+                               on_crash="retry", log=log)
     typer.echo(prefill_table(result))
     save_prefill(result, json_out, plot)

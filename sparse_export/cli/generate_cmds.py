@@ -38,10 +38,16 @@ def generate_cmd(
         sys.stdout.write(piece)
         sys.stdout.flush()
 
-    if runtime in FOLDER_RUNTIMES:
-        from ..runtimes.sparse_cpu.session import generate_folder_text as generate_text
-    _, stats = generate_text(deploy_dir, prompt, max_new_tokens, runtime, temperature, seed, threads,
-                             write=write)
+    if runtime == "deepsparse":  # in a child process: a crash is retried on one thread, else one line
+        from ..runtimes.generate import generate_text_isolated
+
+        stats = generate_text_isolated(deploy_dir, prompt, max_new_tokens, runtime, temperature, seed, threads,
+                                       log=lambda msg: typer.echo(msg, err=True))
+    else:
+        if runtime in FOLDER_RUNTIMES:
+            from ..runtimes.sparse_cpu.session import generate_folder_text as generate_text
+        _, stats = generate_text(deploy_dir, prompt, max_new_tokens, runtime, temperature, seed, threads,
+                                 write=write)
     sys.stdout.write("\n")
     rate = stats["decode_tokens_per_s"]
     typer.echo(f"[{stats['runtime']}: {stats['prompt_tokens']} prompt tokens, {stats['new_tokens']} new "

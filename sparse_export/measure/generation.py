@@ -189,12 +189,13 @@ def save_generation(result: dict, json_path=None, plot_path=None) -> None:
 
 
 def run_cli(mode: str, folders: dict, runtimes: list[str] | None, prompt_tokens: int, new_tokens: int, warmup: int,
-            iterations: int, threads: int | None, json_out, plot_out) -> dict:
-    """`benchmark --mode generate`: print the table, write JSON and plot where asked."""
+            iterations: int, threads: int | None, json_out, plot_out, on_crash: str = "retry", log=print) -> dict:
+    """`benchmark --mode generate`: print the table, write JSON and plot where asked. A crashing engine is
+    retried once on one thread (on_crash, as in prefill.with_crash_policy)."""
     if mode != "generate":
         raise UserError(f"unknown --mode '{mode}' (choose from prefill, generate)")
     result = benchmark_generation(folders, runtimes or None, "baseline" if "baseline" in folders else None, prompt_tokens,
-                       new_tokens, warmup, iterations, threads)
+                       new_tokens, warmup, iterations, threads, on_crash=on_crash, log=log)
     print(generation_table(result))
     save_generation(result, json_out, plot_out)
     return result

@@ -171,14 +171,26 @@ def benchmark_prefill(folders: dict, runtimes=None, baseline: str | None = None,
 def with_crash_policy(measure, args: dict, runtime: str, models_: list[str], on_crash: str, crashes: list,
                       log) -> list[dict]:
     """measure(args) -> rows. on_crash="raise": an engine crash is the caller's error. "record": retry once
-    with one thread; if that crashes too, append what happened to `crashes` and return no rows."""
+    with one thread; if that crashes too, append what happened to `crashes` and return no rows. "retry":
+    retry once with one thread; if that crashes too, that crash is the caller's error."""
     try:
         return measure(args)
     except EngineCrash as e:
-        if on_crash != "record":
+        if on_crash not in ("record", "retry") or (on_crash == "retry" and args.get("threads") == 1):
             raise
         first = str(e)
     entry = {"runtime": runtime, "models": models_, "threads": args.get("threads") or "all", "error": first}
+    if on_crash == "retry":
+        log(f"warning: {first}; retrying {runtime} with one thread")
+        try:
+            rows = measure({**args, "threads": 1})
+        except EngineCrash as e:
+            raise EngineCrash(f"{e} (it crashed with {entry['threads']} threads, then again with one)") from None
+        crashes.append({**entry, "retry": "passed with one thread: these rows are one-thread numbers"})
+        for r in rows:
+            r["threads"] = 1
+            r["note"] = "rerun with one thread after a crash"
+        return rows
     if args.get("threads") == 1:
         crashes.append({**entry, "retry": "none (it already ran on one thread)"})
         log(f"warning: {first}; recorded in the report, the other results are kept")

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UserError
+from .. import isolate
+from ..errors import EngineCrash, UserError
 from ..export import kv_layout
 from ..outputs import read_meta
 from . import GENERATE_RUNTIMES
@@ -222,3 +223,45 @@ def generate_text(folder, prompt: str, max_new_tokens: int = 64, runtime: str = 
                               temperature, seed, on_token)
     stats.update(runtime=runtime, load_s=session.compile_s, ids=ids)
     return "".join(pieces), stats
+
+
+CRASH_HINT = ("DeepSparse 1.8 does this on KV-cache graphs of some small models with more than one core; "
+              "try --runtime onnxruntime")
+
+
+def generate_text_child(folder: str, prompt: str, max_new_tokens: int, runtime: str, temperature, seed: int,
+                        threads) -> dict:
+    """generate_text writing its text to standard output (what isolate.call runs in the child). Returns the
+    stats (JSON)."""
+    import sys
+
+    def write(piece):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    _, stats = generate_text(folder, prompt, max_new_tokens, runtime, temperature, seed, threads, write)
+    return stats
+
+
+def generate_text_isolated(folder, prompt: str, max_new_tokens: int = 64, runtime: str = "deepsparse",
+                           temperature: float | None = None, seed: int = 0, threads: int | None = None,
+                           log: Callable = print) -> dict:
+    """generate_text with the engine in a child process that writes the text to this standard output: a
+    DeepSparse crash is retried once on one thread, and a second crash is one EngineCrash line, not the
+    engine's stack dump. Returns the stats."""
+    args = dict(folder=str(folder), prompt=prompt, max_new_tokens=max_new_tokens, runtime=runtime,
+                temperature=temperature, seed=seed, threads=threads)
+    run = (lambda a: isolate.call("sparse_export.runtimes.generate:generate_text_child", a,
+                                  f"{runtime} generating with {folder}", CRASH_HINT, stdout=True))
+    try:
+        return run(args)
+    except EngineCrash as e:
+        if threads == 1:
+            raise
+        log(f"warning: {e}; retrying with one thread")
+    try:
+        stats = run({**args, "threads": 1})
+    except EngineCrash as e:
+        raise EngineCrash(f"{e} (it crashed with {threads or 'all'} threads, then again with one)") from None
+    stats["note"] = "rerun with one thread after a crash"
+    return stats
