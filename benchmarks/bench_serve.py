@@ -91,7 +91,8 @@ class Server:
         while True:
             if self.proc.poll() is not None:
                 self.log.seek(0)
-                raise SystemExit(f"{label} exited while starting:\n{self.log.read()[-2000:]}")
+                raise SystemExit(f"{label} exited while starting (code {self.proc.returncode}):\n"
+                                 f"{self.log.read()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     break
@@ -129,7 +130,7 @@ def ours(folder, slots, runtime, threads, context, kv_budget=None):
 def llama(binary, gguf, slots, threads, context):
     def argv(port):
         a = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
-             "-c", str(context * slots), "--cont-batching", "--no-webui", "--log-disable"]
+             "-c", str(context * slots), "--cont-batching", "--no-webui"]
         return a + (["-t", str(threads), "-tb", str(threads)] if threads else [])
     return argv
 
@@ -209,7 +210,11 @@ def prompts_for(vocab, n, tokens, seed=0):
 
 
 def run_level(make_server, engine, model, concurrency, args, vocab):
-    server = Server(make_server(concurrency), f"{engine} {model}")
+    try:
+        server = Server(make_server(concurrency), f"{engine} {model}")
+    except SystemExit as e:   # a server that does not start is a row with its error, not the end of the run
+        print(f"{engine} {model} c={concurrency}: {str(e).splitlines()[0]}", flush=True)
+        return {**level_row(engine, model, concurrency, [{"error": str(e)[-500:]}], 0, 0), "requests": 0}
     try:
         warm = prompts_for(vocab, min(concurrency, 2), args.prompt_tokens, seed=99)
         asyncio.run(_load(server.url, warm, len(warm), 4, args.timeout))            # untimed warm-up
