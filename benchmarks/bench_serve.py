@@ -222,12 +222,28 @@ def run_level(make_server, engine, model, concurrency, args, vocab):
         results, wall = asyncio.run(_load(server.url, prompts_for(vocab, n, args.prompt_tokens), concurrency,
                                           args.new_tokens, args.timeout))
         row = level_row(engine, model, concurrency, results, wall, server.rss.peak)
+        if engine.startswith("sparse-export"):
+            row["split_s"] = scheduler_split(server.url)
     finally:
         server.stop()
     print(f"{engine:>28} {model:>10} c={concurrency:<3} {row['aggregate_tok_s'] or 0:8.1f} tok/s  "
           f"TTFT p50 {row['ttft_ms_p50'] or 0:7.1f} ms  ITL p50 {row['itl_ms_p50'] or 0:6.1f} ms  "
           f"errors {row['errors']}  RSS {row['peak_rss_gib']:.2f} GiB", flush=True)
     return row
+
+
+def scheduler_split(url) -> dict:
+    """Seconds of our scheduler thread by part (its /metrics): step_matmul (int8 matmuls in the native step),
+    step_other (attention, norms, the call around it), prefill, scheduler (sampling, text, admission). The
+    rest of the wall time is HTTP and waiting."""
+    import httpx
+
+    out = {}
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("sparse_export_scheduler_seconds_total{"):
+            part = line.split('part="', 1)[1].split('"', 1)[0]
+            out[part] = float(line.rsplit(" ", 1)[1])
+    return out
 
 
 def single_stream(folder, runtime, args) -> dict:
@@ -282,6 +298,17 @@ def save(name, result, title, out_dir: Path):
           "", table(result["rows"], COLUMNS), ""]
     for k, v in result.get("summary", {}).items():
         md.append(f"- {k}: {v}")
+    split = [r for r in result["rows"] if r.get("split_s")]
+    if split:
+        md += ["", "Scheduler time by part, seconds (from its /metrics, warm-up included; the rest of the wall "
+               "time is HTTP and waiting):", "",
+               "| engine | model | clients | wall s | int8 matmuls | rest of step | prefill | scheduler |",
+               "|---|---|---|---|---|---|---|---|"]
+        for r in split:
+            p = r["split_s"]
+            md.append(f"| {r['engine']} | {r['model']} | {r['concurrency']} | {r['wall_s']:.2f} | "
+                      + " | ".join(f"{p.get(k, 0):.2f}" for k in ("step_matmul", "step_other", "prefill", "scheduler"))
+                      + " |")
     (out_dir / f"{name}.md").write_text("\n".join(md) + "\n")
     rows = result["rows"]
     if rows and "concurrency" in rows[0]:

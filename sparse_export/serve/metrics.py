@@ -23,6 +23,10 @@ class Metrics:
                               registry=r, buckets=LATENCY)
         self.inter_token = Histogram(p + "inter_token_seconds", "time between a request's tokens", registry=r,
                                      buckets=LATENCY)
+        # where the scheduler's time goes (the step split): int8 matmuls inside the native step, the rest of the
+        # native step (attention, norms, rotary; plus the Python around the call), prefills, and the scheduler's
+        # own work (sampling, text, admission)
+        self.split = Counter(p + "scheduler_seconds", "scheduler thread time by part", ["part"], registry=r)
         self.step = Histogram(p + "decode_step_seconds", "one batched decode step", registry=r, buckets=LATENCY)
 
     def exposition(self) -> bytes:

@@ -14,6 +14,7 @@ import numpy as np
 
 from ..runtimes.generate import TextStream
 from ..runtimes.sparse_cpu.batch import BatchSession, Slot
+from ..runtimes.sparse_cpu.kernel import KernelClock
 from .metrics import Metrics
 
 # test hooks: a prompt containing $SPARSE_EXPORT_SERVE_FAULT fails inside the scheduler;
@@ -82,13 +83,16 @@ class Scheduler:
         self.thread = None
         self.fault = os.environ.get(FAULT_ENV)
         self.delay = float(os.environ.get(DELAY_ENV) or 0)
+        self._spent = 0.0     # seconds of this loop turn counted under prefill or step
 
     # ---- called from the HTTP side
     def submit(self, req: Request) -> None:
-        """Queue a request; QueueFull when max_queue are already waiting."""
+        """Queue a request; QueueFull when max_queue are already waiting for a slot (requests that a free slot
+        will take at the next admission do not count)."""
         req.reserve = min(len(req.prompt_ids) + req.max_tokens - 1, self.batch.max_context)
         with self.cv:
-            if len(self.waiting) >= self.max_queue:
+            free = max(0, self.batch.max_batch - len(self.active))
+            if len(self.waiting) >= self.max_queue + free:
                 raise QueueFull()
             self.waiting.append(req)
             self.metrics.queue.set(len(self.waiting))
@@ -123,12 +127,15 @@ class Scheduler:
                     self.cv.wait()
                 if self.stopping:
                     break
+            t = time.perf_counter()
             self._drop_cancelled()
             self._admit()
             if self.active:
                 self._step()
-                if self.delay:
-                    time.sleep(self.delay)
+            self.metrics.split.labels("scheduler").inc(max(0.0, time.perf_counter() - t - self._spent))
+            self._spent = 0.0
+            if self.delay and self.active:
+                time.sleep(self.delay)
         for r in list(self.waiting) + self.active:
             self._fail(r, 503, "the server is shutting down")
         self.waiting.clear()
@@ -146,15 +153,18 @@ class Scheduler:
                     self.metrics.queue.set(len(self.waiting))
                     return
                 r = self.waiting.popleft()
+                self.active.append(r)          # counted as active from here (submit sees the slot taken)
                 self.metrics.queue.set(len(self.waiting))
             try:
                 if self.fault and self.fault in r.prompt_text:
                     raise RuntimeError("injected fault (" + FAULT_ENV + ")")
+                t = time.perf_counter()
                 r.slot, logits = self.batch.prefill(r.prompt_ids, r.reserve)
+                t = time.perf_counter() - t
+                self.metrics.split.labels("prefill").inc(t)
+                self._spent += t
                 r.rng = np.random.default_rng(r.seed)
                 r.stream = TextStream(self.tokenizer, r.prompt_ids)
-                with self.cv:
-                    self.active.append(r)
                 now = time.perf_counter()
                 self.metrics.ttft.observe(now - r.created)
                 r.last = now
@@ -162,8 +172,9 @@ class Scheduler:
             except Exception as e:  # this request fails, the server goes on
                 if r.slot is not None:
                     self.batch.release(r.slot)
-                if r in self.active:
-                    self.active.remove(r)
+                with self.cv:
+                    if r in self.active:
+                        self.active.remove(r)
                 self._fail(r, 500, f"{type(e).__name__}: {e}")
             self.metrics.active.set(len(self.active))
 
@@ -171,13 +182,17 @@ class Scheduler:
         live = list(self.active)
         t = time.perf_counter()
         try:
-            logits = self.batch.step([r.slot for r in live], [r.new[-1] for r in live])
+            with KernelClock() as clock:
+                logits = self.batch.step([r.slot for r in live], [r.new[-1] for r in live])
         except Exception as e:  # the whole step failed: fail its requests, keep serving
             for r in live:
                 self._finish(r, None)
                 self._fail(r, 500, f"{type(e).__name__}: {e}")
             return
         now = time.perf_counter()
+        self.metrics.split.labels("step_matmul").inc(clock.seconds)
+        self.metrics.split.labels("step_other").inc(max(0.0, now - t - clock.seconds))
+        self._spent += now - t
         self.metrics.step.observe(now - t)
         self.metrics.occupancy.observe(len(live))
         for r, row in zip(live, logits):
