@@ -65,7 +65,12 @@ class BatchSession:
         if not self.can_admit(reserve):
             raise UserError("no free slot or KV-cache budget for this sequence")
         d = self.decoder
-        cache = LeanCache(len(d.layers), d.KV, d.D, capacity=reserve)
+        # uninitialized: only written positions are read, and pages never written are never resident, so a
+        # slot reserved for a long reply costs memory as it is filled, not up front
+        cache = LeanCache(len(d.layers), d.KV, d.D, capacity=1)
+        cache.capacity = reserve
+        cache.k = [torch.empty(1, d.KV, reserve, d.D) for _ in d.layers]
+        cache.v = [torch.empty(1, d.KV, reserve, d.D) for _ in d.layers]
         slot = Slot(cache, reserve, list(prompt_ids))
         self.reserved += reserve
         self.slots.append(slot)
