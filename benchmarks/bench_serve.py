@@ -35,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -262,8 +261,7 @@ def single_stream(folder, runtime, args) -> dict:
 
 def ggufs(source, types, work, llama_bin) -> dict:
     """{type: path}: an F16 GGUF of the folder (llamacpp_gguf.write_gguf), quantized by llama-quantize."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from llamacpp_gguf import write_gguf
+    from llamacpp_gguf import write_gguf   # beside this script
 
     work.mkdir(parents=True, exist_ok=True)
     f16 = work / "model-f16.gguf"

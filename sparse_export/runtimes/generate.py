@@ -225,7 +225,7 @@ def generate_text(folder, prompt: str, max_new_tokens: int = 64, runtime: str = 
     return "".join(pieces), stats
 
 
-CRASH_HINT = ("DeepSparse 1.8 does this on KV-cache graphs of some small models with more than one core; "
+GENERATE_CRASH_HINT = ("DeepSparse 1.8 does this on KV-cache graphs of some small models with more than one core; "
               "try --runtime onnxruntime")
 
 
@@ -252,7 +252,7 @@ def generate_text_isolated(folder, prompt: str, max_new_tokens: int = 64, runtim
     args = dict(folder=str(folder), prompt=prompt, max_new_tokens=max_new_tokens, runtime=runtime,
                 temperature=temperature, seed=seed, threads=threads)
     run = (lambda a: isolate.call("sparse_export.runtimes.generate:generate_text_child", a,
-                                  f"{runtime} generating with {folder}", CRASH_HINT, stdout=True))
+                                  f"{runtime} generating with {folder}", GENERATE_CRASH_HINT, stdout=True))
     try:
         return run(args)
     except EngineCrash as e:

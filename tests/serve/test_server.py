@@ -56,7 +56,7 @@ class Running:
             stderr=subprocess.PIPE, text=True)
 
     def wait_ready(self) -> "Running":
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180      # importing and loading take seconds; a busy machine, more
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"the server exited: {self.proc.stderr.read()}")
@@ -66,7 +66,7 @@ class Running:
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.stop()
-        raise AssertionError("the server did not come up in 60 s")
+        raise AssertionError("the server did not come up in 180 s")
 
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=5).json()
