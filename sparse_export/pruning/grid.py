@@ -35,6 +35,8 @@ def make_quantizer(W: torch.Tensor, bits: int, per_channel: bool, row_splits: li
     else:
         scale = torch.cat([part.abs().max().clamp_min(1e-12).expand(part.shape[0])
                            for part in W.split(row_splits or [W.shape[0]])]) * headroom / qmax
+    if bits <= 4:      # float16 values: what the int4 layout stores (packed.pack4), exact
+        scale = half_scale(scale)
 
     def quantize(col, _index):
         return torch.clamp(torch.round(col / scale), -qmax - 1, qmax) * scale
@@ -159,6 +161,16 @@ def recorded_bits(meta: dict) -> int | None:
 def recorded_group_size(meta: dict) -> int | None:
     """The --group-size of a pruned folder's grid (None: per-row or per-tensor scales)."""
     return (meta.get("recipe") or {}).get("group_size") if recorded_bits(meta) else None
+
+
+def check_int8_grid(meta: dict, what: str = "the ONNX --int8 export") -> None:
+    """UserError for a folder whose recorded grid an int8 matmul with one scale per row cannot hold: a 4-bit
+    (or coarser) grid, or group-wise scales."""
+    bits, group = recorded_bits(meta), recorded_group_size(meta)
+    if bits and (bits <= 4 or group):
+        grid = f"{bits}-bit" + (f" group-wise (--group-size {group})" if group else "")
+        raise UserError(f"this folder holds a {grid} grid, which {what} cannot run (int8, one scale per row); "
+                        "run it on sparse-cpu, or prune with --wbits 8 and no --group-size")
 
 
 def recorded_scales(meta: dict, names) -> dict:

@@ -1,6 +1,9 @@
 """A model folder turned into the sparse-cpu model: every decoder Linear and the LM head run on the int8
 kernel; embeddings, norms and attention stay the model's own torch modules (float32).
 
+A `prune --wbits 4` folder (or fewer bits; --group-size or per-row scales, float16 values) runs its decoder
+matrices on the int4 kernel (packed.pack4); its LM head stays int8, rounded per row.
+
 Weights: a `prune --wbits 8` folder's matrices already lie on a per-row int8 grid (the scales are in
 its sparse_export.json) and are read back exactly; everything else (a dense model, the LM head) is
 rounded to nearest per row. Activations: each token's input to a Linear is quantized to uint8 with
@@ -18,13 +21,14 @@ from torch import nn
 from ... import checkpoints, models
 from ...errors import UserError
 from ...outputs import read_meta
-from ...pruning.grid import recorded_scales
+from ...pruning.grid import expand_scale, recorded_bits, recorded_group_size, recorded_scales
 from .kernel import PATHS, KernelLayer, int8_linear, resolve_path, run_linear
-from .packed import PackedLinear, int8_grid, pack
+from .packed import PackedLinear, half_exact, int4_grid, int8_grid, pack, pack4
 
 # A bitmask layer reads nnz + in/8 bytes per row instead of in: below this sparsity the dense layout
 # reads less (the mask costs 1/8 byte per weight), so "auto" packs such a layer dense.
 MASK_MIN_SPARSITY = 0.2
+MASK_MIN_SPARSITY_INT4 = 0.25   # int4: values cost 1/2 byte per nonzero, the mask still 1/8 per weight
 KERNEL_MODES = ("auto", "sparse", "dense")   # layout per layer: by its sparsity, always bitmask, always dense
 
 
@@ -82,11 +86,30 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.scale.ndim == 2:
+            return self._grouped(x)
         if not self.exact:
             return nn.functional.linear(fake_quant_act(x), self.q.float() * self.scale[:, None], self.bias)
         q, s, zp = quantize_act(x)
         ints = (q - zp).double() @ self.q.double().t()
         y = self.scale * s * ints.float()
+        return y if self.bias is None else y + self.bias
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """int4 (scale [out, groups]): exact=True follows the int4 kernel, each group's integers in float64,
+        f = sum over groups in order of scale * (float32) ints, y = token scale * f (+ bias)."""
+        groups = self.scale.shape[1]
+        if not self.exact:
+            w = self.q.float() * expand_scale(self.scale, self.q.shape[1])
+            return nn.functional.linear(fake_quant_act(x), w, self.bias)
+        q, s, zp = quantize_act(x)
+        xa = (q - zp).double()
+        size = -(-self.q.shape[1] // groups)
+        f = torch.zeros(*x.shape[:-1], self.q.shape[0])
+        for g in range(groups):
+            cols = slice(g * size, (g + 1) * size)
+            f = f + self.scale[:, g] * (xa[..., cols] @ self.q[:, cols].double().t()).float()
+        y = s * f
         return y if self.bias is None else y + self.bias
 
 
@@ -159,6 +182,10 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
     if sorted(n for g in groups for n in g) != sorted(names):
         raise ValueError("fuse must hold every matrix of linear_names(model) once")
     scales = recorded_scales(meta or {}, names[:-1])
+    bits = recorded_bits(meta or {})
+    if recorded_group_size(meta or {}) and bits > 4:
+        raise UserError(f"sparse-cpu runs group-wise grids at 4 bits or fewer; this folder's is {bits}-bit "
+                        "(prune with --wbits 4, or without --group-size)")
     layers, totals, exact, fused = {}, {}, [], {}
     for group in groups:
         if materialize is not None:
@@ -171,7 +198,12 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
                                 else None)
             totals["read"] = totals.get("read", 0) + 4 * (w.numel() + (w.shape[0] if has_bias else 0))
         else:
-            parts = [int8_grid(models.weight_2d(m), scales.get(n)) for n, m in zip(group, mods)]
+            four = [bool(bits and bits <= 4 and n in scales and half_exact(scales[n])) for n in group]
+            if any(four) and not all(four):
+                raise UserError(f"{', '.join(group)} run as one matrix but only some are on a 4-bit grid")
+            four = all(four)
+            parts = [(*int4_grid(models.weight_2d(m), scales[n]), True) if four else
+                     int8_grid(models.weight_2d(m), scales.get(n)) for n, m in zip(group, mods)]
             exact += [n for n, p in zip(group, parts) if p[2]]
             q, s = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             has_bias = any(getattr(m, "bias", None) is not None for m in mods)
@@ -181,14 +213,15 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
                 new = FakeQuantLinear(q, s, bias, exact=reference == "exact")
                 dense = True
             else:
-                dense = kernel == "dense" or (kernel == "auto" and sparsity < MASK_MIN_SPARSITY)
-                packed = pack(q, s, bias, dense=dense)
+                floor = MASK_MIN_SPARSITY_INT4 if four else MASK_MIN_SPARSITY
+                dense = kernel == "dense" or (kernel == "auto" and sparsity < floor)
+                packed = pack4(q, s, bias, dense=dense) if four else pack(q, s, bias, dense=dense)
                 new = Int8Linear(packed, threads, path)
                 for k, v in packed.nbytes().items():
                     totals[k] = totals.get(k, 0) + v
             for n, p in zip(group, parts):
                 layers[n] = {"shape": list(p[0].shape), "sparsity": float(1 - np.count_nonzero(p[0]) / p[0].size),
-                             "dense": dense, "group": len(group)}
+                             "dense": dense, "group": len(group), "bits": 4 if four else 8}
         if fuse:
             fused[tuple(group)] = new
             for n in group:

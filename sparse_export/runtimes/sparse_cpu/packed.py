@@ -212,3 +212,13 @@ def int8_grid(w, scale=None) -> tuple[np.ndarray, np.ndarray, bool]:
     s = w.abs().amax(dim=1).clamp_min(1e-12) / 127
     q = torch.clamp(torch.round(w / s[:, None]), -128, 127).to(torch.int8)
     return q.numpy(), s.numpy(), False
+
+
+def int4_grid(w, scale) -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 [out, in] in [-8, 7], scales [out, groups]) for weights w (a torch tensor) read back exactly on
+    the 4-bit (or coarser) grid a --wbits prune recorded: per row ([out]: one group) or per group."""
+    from ...pruning.grid import grid_tolerance, int_weight
+
+    q = int_weight(w.detach().float(), scale, bits=4, tol=grid_tolerance(w.dtype))
+    s = np.asarray(scale, np.float32)
+    return q.numpy(), s.reshape(s.shape[0], -1)
