@@ -32,19 +32,37 @@ def _scales(rng, out, groups):
 
 
 def ref_linear4(q, gscale, bias, x):
-    """numpy: per group the integers sum (xq - zp) * q in int64, then f = sum over groups in order of
-    scale * float32(ints) in float32, y = token scale * f (+ bias)."""
+    """numpy, the int4 kernel's arithmetic written independently: columns padded to 64-column words; lane l of
+    a word holds columns 4l..4l+3. Per unit (a group of words, or a word when groups are 32 columns: lanes 0-7
+    then in its first group, 8-15 in its second) and lane, the integers sum (xq - zp) * q in int64; each lane's
+    float32 sum f[l] += scale * float32(ints), unit after unit; the 16 sums added pairwise (8, 4, 2, 1 apart);
+    y = token scale * f (+ bias)."""
     xq, xs, zp = ref_quantize(x)
-    xa = xq.astype(np.int64) - zp[:, None]
     out, n_in = q.shape
+    words = -(-n_in // 64)
+    xa = np.zeros((x.shape[0], words, 16, 4), np.int64)
+    xa.reshape(x.shape[0], -1)[:, :n_in] = xq.astype(np.int64) - zp[:, None]
+    w = np.zeros((out, words, 16, 4), np.int64)
+    w.reshape(out, -1)[:, :n_in] = q
     groups = gscale.shape[1]
-    size = -(-n_in // groups)
-    f = np.zeros((x.shape[0], out), np.float32)
-    for g in range(groups):
-        cols = slice(g * size, (g + 1) * size)
-        ints = xa[:, cols] @ q[:, cols].astype(np.int64).T
-        f = (f + gscale[:, g][None, :] * ints.astype(np.float32)).astype(np.float32)
-    y = (xs[:, None] * f).astype(np.float32)
+    size = n_in // groups if groups > 1 else 64 * words
+    lanes = np.zeros((x.shape[0], out, 16), np.float32)
+    if size == 32:
+        for k in range(words):
+            ints = np.einsum("tlj,olj->tol", xa[:, k], w[:, k])
+            s = np.zeros((out, 16), np.float32)
+            for half in (0, 1):
+                g = 2 * k + half
+                s[:, 8 * half:8 * half + 8] = gscale[:, g:g + 1] if g < groups else 0
+            lanes = (lanes + s[None] * ints.astype(np.float32)).astype(np.float32)
+    else:
+        per = size // 64
+        for g in range(groups):
+            ints = np.einsum("twlj,owlj->tol", xa[:, g * per:(g + 1) * per], w[:, g * per:(g + 1) * per])
+            lanes = (lanes + gscale[None, :, g:g + 1] * ints.astype(np.float32)).astype(np.float32)
+    for step in (8, 4, 2, 1):
+        lanes[..., :step] = lanes[..., :step] + lanes[..., step:2 * step]
+    y = (xs[:, None] * lanes[..., 0]).astype(np.float32)
     return y if bias is None else (y + bias).astype(np.float32)
 
 

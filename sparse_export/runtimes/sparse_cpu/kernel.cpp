@@ -253,9 +253,11 @@ __attribute__((target(FAST_TARGET))) void group_fast(const Layer& L, const Acts&
 }
 
 // ---- int4: nibbles expanded to int8 in registers, then the int8 path's VNNI products, per group of columns.
-// Each group's integers: v = sum xq*w - zp * sum w (the weights' sum counted as they are read, by a VNNI product
-// with ones: no stored row sums). The row's float result: f = sum over groups, in order, of gscale * (float)v;
-// y = xscale * f (+ bias). Both code paths add the same floats in the same order.
+// vpdpbusd's lane l (of 16) sums columns 4l..4l+3 of each 64-column word. Per lane and group the integers
+// v = sum xq*w - zp * sum w (the weights' sum counted as they are read, by a VNNI product with ones: no stored
+// row sums); each lane keeps its own float sum, f[l] += gscale * (float)v, group after group (groups of 32:
+// word after word, lanes 0-7 in the word's first group, 8-15 in its second); then the 16 lane sums are added
+// pairwise (sum16) and y = xscale * f (+ bias). Both code paths add the same floats in the same order.
 
 // float16 bits -> float (exact; the scales are positive, finite)
 inline __attribute__((always_inline)) float half_to_float(uint16_t h) {
@@ -270,6 +272,18 @@ inline __attribute__((always_inline)) float half_to_float(uint16_t h) {
   return f;
 }
 
+// 16 lane sums, pairwise in a fixed order (both paths)
+inline __attribute__((always_inline)) float sum16(float* part) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+// the scale of group g of row gs (0 past the last group: a word's padded second half)
+inline __attribute__((always_inline)) float group_scale(const Layer& L, const uint16_t* gs, int64_t g) {
+  return g < L.groups ? half_to_float(gs[g]) : 0.f;
+}
+
 // 32 bytes of nibble pairs -> 64 int8 weights (byte k: weights 2k, 2k+1 from its low, high nibble)
 __attribute__((target(FAST_TARGET), always_inline)) inline __m512i nibbles_fast(const uint8_t* p) {
   __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
@@ -279,8 +293,8 @@ __attribute__((target(FAST_TARGET), always_inline)) inline __m512i nibbles_fast(
 
 // word w of row r as 64 int8 weights in column order; p walks the packed stream (sparse)
 template <bool DENSE>
-__attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(const Layer& L, const uint64_t* m,
-                                                                              const uint8_t*& p, int64_t w) {
+__attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(const uint64_t* m, const uint8_t*& p,
+                                                                              int64_t w) {
   if (DENSE) return nibbles_fast(p + 32 * w);
   _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
   uint64_t bits = m[w];
@@ -289,62 +303,65 @@ __attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(co
   return wv;
 }
 
-// One row x B tokens on the fast path: f[b] (the row's float sum over groups) and tot[b] (its integers' sum).
+// lane sums += scale * (float)(acc - zp * rs), and the integers into tot
+template <int B>
+__attribute__((target(FAST_TARGET), always_inline)) inline void fold4(__m512 sv, const __m512i (&acc)[B], __m512i rs,
+                                                                      const __m512i (&zp)[B], __m512 (&fl)[B],
+                                                                      __m512i (&tot)[B]) {
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    __m512i v = _mm512_sub_epi32(acc[b], _mm512_mullo_epi32(zp[b], rs));
+    fl[b] = _mm512_add_ps(fl[b], _mm512_mul_ps(sv, _mm512_cvtepi32_ps(v)));
+    tot[b] = _mm512_add_epi32(tot[b], v);
+  }
+}
+
+// One row x B tokens on the fast path: f[b] (the row's float sum) and itot[b] (its integers' sum).
 template <int B, bool DENSE>
 __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& a, int64_t t0, int64_t r, float* f,
-                                                    int32_t* tot) {
+                                                    int32_t* itot) {
   const uint8_t* p = (const uint8_t*)L.values + (DENSE ? r * 32 * L.words : L.offsets[r]);
   const uint64_t* m = DENSE ? nullptr : L.mask + r * L.words;
   const uint16_t* gs = L.gscale + r * L.groups;
   const uint8_t* xq = a.q + t0 * a.stride;
   const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
-  int32_t zp[B];
+  __m512i zp[B], tot[B], acc[B];
+  __m512 fl[B];
 #pragma GCC unroll 8
-  for (int b = 0; b < B; ++b) f[b] = 0.f, tot[b] = 0, zp[b] = a.zp[t0 + b];
-  if (L.gsize == 32) {  // two groups per word: lanes 0-7 and 8-15 of the products
+  for (int b = 0; b < B; ++b) zp[b] = _mm512_set1_epi32(a.zp[t0 + b]), tot[b] = zero, fl[b] = _mm512_setzero_ps();
+  if (L.gsize == 32) {  // two groups per word: lanes 0-7 and 8-15
     for (int64_t w = 0; w < L.words; ++w) {
-      __m512i wv = word4_fast<DENSE>(L, m, p, w);
+      __m512i wv = word4_fast<DENSE>(m, p, w);
       __m512i rs = _mm512_dpbusd_epi32(zero, ones, wv);
-      int32_t r0 = _mm512_mask_reduce_add_epi32(0x00FF, rs), r1 = _mm512_mask_reduce_add_epi32(0xFF00, rs);
-      float s0 = half_to_float(gs[2 * w]);
-      bool second = 2 * w + 1 < L.groups;
-      float s1 = second ? half_to_float(gs[2 * w + 1]) : 0.f;
-#pragma GCC unroll 8
-      for (int b = 0; b < B; ++b) {
-        __m512i acc = _mm512_dpbusd_epi32(zero, _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
-        int32_t v0 = _mm512_mask_reduce_add_epi32(0x00FF, acc) - zp[b] * r0;
-        f[b] += s0 * (float)v0;
-        tot[b] += v0;
-        if (second) {
-          int32_t v1 = _mm512_mask_reduce_add_epi32(0xFF00, acc) - zp[b] * r1;
-          f[b] += s1 * (float)v1;
-          tot[b] += v1;
-        }
-      }
-    }
-    return;
-  }
-  const int64_t per = L.gsize / 64;  // words per group
-  for (int64_t g = 0; g < L.groups; ++g) {
-    __m512i acc[B], rs = zero;
-#pragma GCC unroll 8
-    for (int b = 0; b < B; ++b) acc[b] = zero;
-    int64_t w1 = std::min(L.words, (g + 1) * per);
-    for (int64_t w = g * per; w < w1; ++w) {
-      __m512i wv = word4_fast<DENSE>(L, m, p, w);
-      rs = _mm512_dpbusd_epi32(rs, ones, wv);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b)
-        acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+        acc[b] = _mm512_dpbusd_epi32(zero, _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+      __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(group_scale(L, gs, 2 * w)),
+                                       _mm512_set1_ps(group_scale(L, gs, 2 * w + 1)));
+      fold4<B>(sv, acc, rs, zp, fl, tot);
     }
-    int32_t sum_w = _mm512_reduce_add_epi32(rs);
-    float s = half_to_float(gs[g]);
+  } else {
+    const int64_t per = L.gsize / 64;  // words per group
+    for (int64_t g = 0; g < L.groups; ++g) {
+      __m512i rs = zero;
 #pragma GCC unroll 8
-    for (int b = 0; b < B; ++b) {
-      int32_t v = _mm512_reduce_add_epi32(acc[b]) - zp[b] * sum_w;
-      f[b] += s * (float)v;
-      tot[b] += v;
+      for (int b = 0; b < B; ++b) acc[b] = zero;
+      for (int64_t w = g * per, w1 = std::min(L.words, (g + 1) * per); w < w1; ++w) {
+        __m512i wv = word4_fast<DENSE>(m, p, w);
+        rs = _mm512_dpbusd_epi32(rs, ones, wv);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b)
+          acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+      }
+      fold4<B>(_mm512_set1_ps(half_to_float(gs[g])), acc, rs, zp, fl, tot);
     }
+  }
+  alignas(64) float part[16];
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    _mm512_store_ps(part, fl[b]);
+    f[b] = sum16(part);
+    itot[b] = _mm512_reduce_add_epi32(tot[b]);
   }
 }
 
@@ -386,8 +403,7 @@ void group4_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int
   }
 }
 
-// Scalar int4: the row's weights decoded into int8 (w, 64*words), then per token and group the integer sums
-// and the same float steps as row4_fast.
+// Scalar int4: the row's weights decoded into int8 (w, 64*words), then per token the lane sums of row4_fast.
 template <bool DENSE>
 void group4_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
                    int32_t* ints) {
@@ -412,20 +428,30 @@ void group4_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0
       }
     }
     const uint16_t* gs = L.gscale + r * L.groups;
+    // units: a word (groups of 32) or a group of words; lane l of a unit: columns 64w+4l..64w+4l+3 of its words
+    const bool halves = L.gsize == 32;
+    const int64_t units = halves ? L.words : L.groups, per = halves ? 1 : L.gsize / 64;
     for (int b = 0; b < nb; ++b) {
       const uint8_t* xq = a.q + (t0 + b) * a.stride;
-      int32_t zp = a.zp[t0 + b];
-      f[b] = 0.f, tot[b] = 0;
-      for (int64_t g = 0; g < L.groups; ++g) {
-        int32_t acc = 0, sum_w = 0;
-        for (int64_t k = g * L.gsize, k1 = std::min(n, (g + 1) * L.gsize); k < k1; ++k) {
-          acc += (int32_t)xq[k] * w[k];
-          sum_w += w[k];
+      const int32_t zp = a.zp[t0 + b];
+      float part[16] = {};
+      tot[b] = 0;
+      for (int64_t u = 0; u < units; ++u) {
+        for (int l = 0; l < 16; ++l) {
+          int32_t acc = 0, sum_w = 0;
+          for (int64_t wd = u * per, w1 = std::min(L.words, (u + 1) * per); wd < w1; ++wd)
+            for (int j = 0; j < 4; ++j) {
+              int64_t k = 64 * wd + 4 * l + j;
+              acc += (int32_t)xq[k] * w[k];
+              sum_w += w[k];
+            }
+          int32_t v = acc - zp * sum_w;
+          float sc = halves ? group_scale(L, gs, 2 * u + (l >= 8)) : half_to_float(gs[u]);
+          part[l] += sc * (float)v;
+          tot[b] += v;
         }
-        int32_t v = acc - zp * sum_w;
-        f[b] += half_to_float(gs[g]) * (float)v;
-        tot[b] += v;
       }
+      f[b] = sum16(part);
     }
     finish4(L, a, t0, nb, r, f, tot, y, ints);
   }

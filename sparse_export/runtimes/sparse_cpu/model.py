@@ -96,20 +96,40 @@ class FakeQuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def _grouped(self, x: torch.Tensor) -> torch.Tensor:
-        """int4 (scale [out, groups]): exact=True follows the int4 kernel, each group's integers in float64,
-        f = sum over groups in order of scale * (float32) ints, y = token scale * f (+ bias)."""
+        """int4 (scale [out, groups]). exact=True follows the int4 kernel's order (kernel.cpp, row4_fast): the
+        columns in 64-column words, lane l of a word holding columns 4l..4l+3; per unit (a group of words, or a
+        word when groups are 32 columns: lanes 0-7 in its first group, 8-15 in its second) and lane, the
+        integers in float64 (exact); 16 float32 lane sums += scale * ints, unit after unit, added pairwise;
+        y = token scale * sum (+ bias)."""
+        out, n_in = self.q.shape
         groups = self.scale.shape[1]
         if not self.exact:
-            w = self.q.float() * expand_scale(self.scale, self.q.shape[1])
+            w = self.q.float() * expand_scale(self.scale, n_in)
             return nn.functional.linear(fake_quant_act(x), w, self.bias)
         q, s, zp = quantize_act(x)
-        xa = (q - zp).double()
-        size = -(-self.q.shape[1] // groups)
-        f = torch.zeros(*x.shape[:-1], self.q.shape[0])
-        for g in range(groups):
-            cols = slice(g * size, (g + 1) * size)
-            f = f + self.scale[:, g] * (xa[..., cols] @ self.q[:, cols].double().t()).float()
-        y = s * f
+        words = -(-n_in // 64)
+        lead = x.shape[:-1]
+        xa = nn.functional.pad((q - zp).double(), (0, 64 * words - n_in)).reshape(*lead, words, 16, 4)
+        w = nn.functional.pad(self.q.double(), (0, 64 * words - n_in)).reshape(out, words, 16, 4)
+        size = n_in // groups if groups > 1 else 64 * words
+        lanes = torch.zeros(*lead, out, 16)
+        if size == 32:
+            for k in range(words):
+                ints = torch.einsum("...lj,olj->...ol", xa[..., k, :, :], w[:, k]).float()
+                sc = torch.zeros(out, 16)
+                for half in (0, 1):
+                    if 2 * k + half < groups:
+                        sc[:, 8 * half:8 * half + 8] = self.scale[:, 2 * k + half:2 * k + half + 1]
+                lanes = lanes + sc * ints
+        else:
+            per = size // 64
+            for g in range(groups):
+                part = slice(g * per, (g + 1) * per)
+                ints = torch.einsum("...wlj,owlj->...ol", xa[..., part, :, :], w[:, part]).float()
+                lanes = lanes + self.scale[:, g:g + 1] * ints
+        for step in (8, 4, 2, 1):
+            lanes = torch.cat([lanes[..., :step] + lanes[..., step:2 * step], lanes[..., step:]], dim=-1)
+        y = s * lanes[..., 0]
         return y if self.bias is None else y + self.bias
 
 
