@@ -257,3 +257,32 @@ def test_onnx_int8_export_of_a_4bit_folder_is_a_one_line_error(pruned4, tmp_path
     lines = [x for x in err.strip().splitlines() if x.strip()]
     assert code != 0 and len(lines) == 1 and lines[0].startswith("error:") and "4-bit" in err
     assert not out.exists()
+
+
+def test_int4_folder_with_an_ignored_matrix_runs_unfused(lively, text_file, tmp_path):
+    """--ignore leaves q_proj off the 4-bit grid: q/k/v cannot be one packed matrix, so the runtime runs the
+    matrices unfused (q_proj int8, the rest int4), still equal to the fake-quantized model."""
+    from sparse_export.pruning.jobs import prune
+    from sparse_export.pruning.recipe import Recipe
+
+    folder = tmp_path / "ign"
+    prune(lively["llama"], folder, Recipe(sparsity=0.5, wbits=4, group_size=32, ignore=["q_proj"],
+                                          calib=str(text_file), nsamples=4, seqlen=64), log=lambda *_: None)
+    kern, ref = _session(folder, "sparse-cpu"), _session(folder, "fake-quant")
+    layers = kern.summary["layers"]
+    assert kern.decoder is None and not kern.summary["fused"]
+    assert {v["bits"] for n, v in layers.items() if "q_proj" in n} == {8}
+    assert {v["bits"] for n, v in layers.items() if "k_proj" in n or "down_proj" in n} == {4}
+    prompt = list(range(5, 25))
+    assert np.array_equal(kern.run([prompt], 0)[0], ref.run([prompt], 0)[0])
+
+
+def test_group_grid_above_4_bits_is_refused(lively, text_file, tmp_path):
+    from sparse_export.pruning.jobs import prune
+    from sparse_export.pruning.recipe import Recipe
+
+    folder = tmp_path / "g8"
+    prune(lively["llama"], folder, Recipe(sparsity=0.5, wbits=8, group_size=32, calib=str(text_file), nsamples=4,
+                                          seqlen=64), log=lambda *_: None)
+    with pytest.raises(UserError, match="4 bits or fewer"):
+        _session(folder, "sparse-cpu")

@@ -218,7 +218,7 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
                                 else None)
             totals["read"] = totals.get("read", 0) + 4 * (w.numel() + (w.shape[0] if has_bias else 0))
         else:
-            four = [bool(bits and bits <= 4 and n in scales and half_exact(scales[n])) for n in group]
+            four = [_is_int4(n, bits, scales) for n in group]
             if any(four) and not all(four):
                 raise UserError(f"{', '.join(group)} run as one matrix but only some are on a 4-bit grid")
             four = all(four)
@@ -253,6 +253,18 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
     return {"layers": layers, "bytes": totals, "exact_grid": exact, "fused": fused}
 
 
+def _is_int4(name: str, bits: int | None, scales: dict) -> bool:
+    """Whether matrix `name` runs int4: on a recorded grid of 4 bits or fewer with float16-valued scales."""
+    return bool(bits and bits <= 4 and name in scales and half_exact(scales[name]))
+
+
+def mixed_widths(groups: list[list[str]], meta: dict) -> bool:
+    """Whether a fused group would mix int4 and int8 matrices (e.g. a 4-bit prune with --ignore q_proj)."""
+    names = [n for g in groups for n in g]
+    scales, bits = recorded_scales(meta or {}, names), recorded_bits(meta or {})
+    return any(len({_is_int4(n, bits, scales) for n in g}) > 1 for g in groups)
+
+
 def load_int8_model(spec, kernel: str = "auto", threads: int = 1, path: str | None = None,
                     reference: str | None = None, fuse: Callable | None = None,
                     stream: bool | None = None) -> tuple[nn.Module, object, dict]:
@@ -276,7 +288,10 @@ def load_int8_model(spec, kernel: str = "auto", threads: int = 1, path: str | No
         tokenizer = models.folder_tokenizer(where)
     else:
         model, tokenizer = models.load_model(spec)
-    summary = convert(model, meta, kernel, threads, path, reference, fuse(model) if fuse else None, materialize)
+    groups = fuse(model) if fuse else None
+    if groups and mixed_widths(groups, meta):   # int4 and int8 rows cannot share one packed matrix: run unfused
+        groups = None
+    summary = convert(model, meta, kernel, threads, path, reference, groups, materialize)
     unread = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta] if stream else []
     if unread:   # a tensor outside the matrices (a norm, the embedding) the shards did not hold
         raise UserError(f"{where}: no value for {unread[0]} in its shards")
