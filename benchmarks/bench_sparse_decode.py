@@ -11,6 +11,7 @@ Three commands; results go to benchmarks/results/sparse-decode-<name>.{json,md}:
   # 2. one Linear shape: kernel GB/s (weights read once per call, from DRAM: enough copies to
   #    overflow the caches) against this machine's streaming-read bandwidth
   python benchmarks/bench_sparse_decode.py micro --shape 4096x4096 --shape 14336x4096 --name micro
+  python benchmarks/bench_sparse_decode.py micro --shape 4096x4096 --widths 8 4 --name micro-int4
 
   # 3. decode tokens/s at a 256-token context, 1 and 2 threads, every folder prepare wrote
   python benchmarks/bench_sparse_decode.py decode --work /tmp/sd-smollm2 --name smollm2 \
@@ -39,7 +40,7 @@ from sparse_export.measure import machine
 from sparse_export.outputs import cpu_name, library_versions, peak_rss_gib, read_meta, write_json
 from sparse_export.report import table
 from sparse_export.runtimes.sparse_cpu import kernel as K
-from sparse_export.runtimes.sparse_cpu.packed import pack
+from sparse_export.runtimes.sparse_cpu.packed import pack, pack4
 from sparse_export.runtimes.sparse_cpu.session import DecodeSession
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -111,29 +112,33 @@ def micro(args):
         out, n_in = (int(v) for v in shape.lower().split("x"))
         base = rng.integers(-127, 128, (out, n_in), dtype=np.int8)
         base[base == 0] = 1
+        base4 = rng.integers(-8, 8, (out, n_in), dtype=np.int8)
+        base4[base4 == 0] = 1
         scale = np.full(out, 1e-3, np.float32)
-        for sparsity in [0.0, *args.sparsities]:
-            q = base.copy()
-            q[rng.random((out, n_in)) < sparsity] = 0
-            for dense in ([True, False] if sparsity == 0 else [False]):
-                packed = pack(q, scale, dense=dense)
-                nbytes = packed.nbytes()["read"]
-                copies = max(2, -(-int(args.footprint_mib * 2**20) // nbytes))   # overflow the last-level cache
-                layers = [K.KernelLayer(packed)] + [K.KernelLayer(_copy(packed)) for _ in range(copies - 1)]
-                x = rng.standard_normal((args.batch, n_in)).astype(np.float32)
-                for t in threads_list:
-                    times = _cycle(layers, x, t, args.calls)
-                    med = statistics.median(times)
-                    rows.append({"shape": f"{out}x{n_in}", "layout": "dense int8" if dense else "bitmask int8",
-                                 "sparsity": sparsity, "batch": args.batch, "threads": t, "copies": copies,
-                                 "us_per_call": 1e6 * med, "p90_ms": 1e3 * float(np.percentile(times, 90)),
-                                 "min_ms": 1e3 * min(times), "bytes_read": nbytes, "gb_s": nbytes / med / 1e9,
-                                 "stream_gb_s": stream[t] / 1e9, "of_stream": nbytes / med / stream[t]})
-                del layers
+        group = args.group_size if n_in % args.group_size == 0 else n_in     # else one scale per row
+        gscale = np.full((out, n_in // group), 2.0 ** -10, np.float32)       # a float16 value
+        for sparsity, width, dense in [(s, w, d) for s in [0.0, *args.sparsities] for w in args.widths
+                                       for d in ([True, False] if s == 0 else [False])]:
+            drop = np.random.default_rng(int(sparsity * 1000)).random((out, n_in)) < sparsity
+            q = np.where(drop, 0, base if width == 8 else base4).astype(np.int8)
+            packed = pack(q, scale, dense=dense) if width == 8 else pack4(q, gscale, dense=dense)
+            nbytes = packed.nbytes()["read"]
+            copies = max(2, -(-int(args.footprint_mib * 2**20) // nbytes))   # overflow the last-level cache
+            layers = [K.KernelLayer(packed)] + [K.KernelLayer(_copy(packed)) for _ in range(copies - 1)]
+            x = rng.standard_normal((args.batch, n_in)).astype(np.float32)
+            for t in threads_list:
+                times = _cycle(layers, x, t, args.calls)
+                med = statistics.median(times)
+                rows.append({"shape": f"{out}x{n_in}", "layout": ("dense" if dense else "bitmask") + f" int{width}",
+                             "sparsity": sparsity, "batch": args.batch, "threads": t, "copies": copies,
+                             "us_per_call": 1e6 * med, "p90_ms": 1e3 * float(np.percentile(times, 90)),
+                             "min_ms": 1e3 * min(times), "bytes_read": nbytes, "gb_s": nbytes / med / 1e9,
+                             "stream_gb_s": stream[t] / 1e9, "of_stream": nbytes / med / stream[t]})
+            del layers
     for r in rows:  # speedup over the dense int8 kernel, same shape and threads
-        base_row = next(b for b in rows if b["shape"] == r["shape"] and b["threads"] == r["threads"]
-                        and b["layout"] == "dense int8")
-        r["x_dense_int8"] = base_row["us_per_call"] / r["us_per_call"]
+        base_row = next((b for b in rows if b["shape"] == r["shape"] and b["threads"] == r["threads"]
+                         and b["layout"] == "dense int8"), None)
+        r["x_dense_int8"] = base_row["us_per_call"] / r["us_per_call"] if base_row else None
     trust = machine.trust(before, machine.snapshot(), rows, spread_of=("p90_ms", "min_ms"))
     cols = [("shape", "shape"), ("layout", "layout"), ("sparsity", "sparsity"), ("threads", "threads"),
             ("us/call", "us_per_call"), ("MB read", "mb"), ("GB/s", "gb_s"), ("stream GB/s", "stream_gb_s"),
@@ -148,7 +153,7 @@ def _copy(p):
     import copy
 
     c = copy.copy(p)
-    for f in ("values", "mask", "offsets", "rowsum", "scale", "bias"):
+    for f in ("values", "mask", "offsets", "rowsum", "scale", "bias", "gscale"):
         if getattr(p, f) is not None:
             setattr(c, f, getattr(p, f).copy())
     return c
@@ -408,6 +413,10 @@ def main():
     p.add_argument("--calls", type=int, default=200)
     p.add_argument("--footprint-mib", type=float, default=256, help="copies of each layer total at least this")
     p.add_argument("--stream-gib", type=float, default=1.0)
+    p.add_argument("--widths", type=int, nargs="+", default=[8], choices=[8, 4],
+                   help="weight widths: 8 (int8, per-row scales) and/or 4 (int4, group scales)")
+    p.add_argument("--group-size", type=int, default=128, help="int4 columns per scale (per row when it "
+                                                                 "does not divide the width)")
     p.add_argument("--name", default="micro")
     p.set_defaults(func=micro)
     p = sub.add_parser("decode", help="decode tokens/s of whole models")

@@ -35,6 +35,9 @@ Dampening = Annotated[Optional[float], _opt("Hessian dampening, fraction of its 
                                             + _default(_R.dampening))]
 Ignore = Annotated[Optional[List[str]], _opt("Regex of module names to leave dense (repeatable).")]
 WBits = Annotated[Optional[int], _opt("Also quantize kept weights to this many bits, in the same sweep.")]
+GroupSize = Annotated[Optional[int], _opt("With --wbits: one scale per row and group of this many input columns "
+                                          "(a power of two >= 32, dividing every matrix's input width), e.g. "
+                                          "--wbits 4 --group-size 128; default: per-row scales.")]
 PerChannel = Annotated[Optional[bool], _opt("Quantization scale granularity (default: per-channel).",
                                             "--per-channel/--per-tensor")]
 Allocation = Annotated[Optional[str], _opt("Per-layer sparsity: uniform | owl (layers with more activation "

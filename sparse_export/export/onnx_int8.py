@@ -35,7 +35,7 @@ import torch
 from .. import data, models
 from ..errors import UserError
 from ..outputs import META_FILE, atomic_dir, read_meta, write_json
-from ..pruning.grid import grid_info, grid_tolerance, int_weight, recorded_scales, round_weights
+from ..pruning.grid import check_int8_grid, grid_info, grid_tolerance, int_weight, recorded_scales, round_weights
 from ..pruning.pruners import PRUNERS
 from .graph import ONNX_FILE, digest, load_onnx, match_modules, save_onnx, sparsity_summary, weight_sparsity
 from .int8_calib import act_qparams, activation_ranges, attention_qparams, fake_int8, input_quant_errors
@@ -246,6 +246,7 @@ def prepare_int8(model, meta: dict, windows: torch.Tensor, percentile: float | N
     attention qparams, weight source, fp32 modules: decoder Linears only).
     """
     names = models.prunable_names(model)
+    check_int8_grid(meta)
     scales = recorded_scales(meta, names)
     tol = grid_tolerance(stored_dtype)
     with torch.no_grad():

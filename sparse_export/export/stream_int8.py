@@ -14,7 +14,7 @@ import torch
 
 from .. import models
 from ..layerwise import capture_first_layer_inputs, layer_out
-from ..pruning.grid import grid_tolerance, int_weight, recorded_scales, round_weights
+from ..pruning.grid import check_int8_grid, grid_tolerance, int_weight, recorded_scales, round_weights
 from .int8_calib import act_qparams, activation_ranges, attention_qparams, grid_head, head_choice
 from .int8_calib import recording_attention
 from .int8_calib import outlier_ratio as quant_outlier_ratio
@@ -62,6 +62,7 @@ class LayerCalibration:
                  percentile: float | None, outlier_ratio: float | None, attention: bool):
         self.model, self.windows, self.percentile, self.outlier_ratio = model, windows, percentile, outlier_ratio
         self.attention = attention and bool(models.attention_names(model))
+        check_int8_grid(meta)
         self.recorded = recorded_scales(meta, models.prunable_names(model))
         self.tol = grid_tolerance(stored_dtype)
         self.inputs, self.kwargs = [], []

@@ -17,7 +17,7 @@ import torch
 from .. import archs, models
 from ..layerwise import LayerBar, capture_first_layer_inputs, layer_out, pick_device, run_layer, to_device
 from ..outputs import Timer, library_versions, peak_rss_gib
-from .grid import QUANT_HEADROOM, grid_info, make_quantizer
+from .grid import QUANT_HEADROOM, GroupQuantizer, check_group_widths, grid_info, make_quantizer
 from .owl import layer_outlier_ratio, owl_record
 from .pruners import hessian_inverse_factor
 from .recipe import Recipe
@@ -107,7 +107,10 @@ def prune_group(H: torch.Tensor, weights: list[torch.Tensor], recipe: Recipe,
     n, m = recipe.nm()
     splits = [w.shape[0] for w in weights]
     quantizer, scale = None, None
-    if recipe.wbits:
+    if recipe.wbits and recipe.group_size:
+        quantizer = GroupQuantizer(W.shape[0], W.shape[1], recipe.wbits, recipe.group_size)
+        scale = quantizer.scale                    # filled in by the sweep
+    elif recipe.wbits:
         quantizer, scale = make_quantizer(W.float(), recipe.wbits, recipe.per_channel, splits)
     own = {kw: getattr(recipe, f) for f, kw in recipe.pruner.options.items()}
     Wn, mask, loss = recipe.pruner.fn(W, H, sparsity=recipe.sparsity, n=n, m=m,
@@ -310,6 +313,7 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
     device = device if isinstance(device, torch.device) else pick_device(device)
     layers = models.decoder_layers(model)
     targets = set(models.prunable_names(model, recipe.ignore))
+    check_group_widths(model, targets, recipe.group_size)
     needs_data = recipe.pruner.needs_calibration
     one_pass, mode = calibration_mode(model, recipe, calib_ids.numel() if needs_data else 0, one_pass)
     stats = {}
@@ -365,7 +369,7 @@ def pruned_meta(model, recipe: Recipe, stats: dict, mode: str, dev, layer_log: l
         "source_model": str(source),
         "architecture": archs.model_type(model),
         "recipe": recipe.to_dict(),
-        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt"),
+        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt", recipe.group_size),
                               "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
            if recipe.wbits else {}),
         "pruned_sparsity": zeros / max(total, 1),

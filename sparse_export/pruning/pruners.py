@@ -107,7 +107,9 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
     sparsity: fraction pruned (unstructured; mask chosen adaptively per block of columns).
     n, m:     n:m pattern (n of every m consecutive inputs pruned), chosen inside the sweep.
     quantizer: optional callable mapping a column (fp32, rows) onto its grid; joint pruning and
-               quantization: kept weights are rounded before their error is propagated.
+               quantization: kept weights are rounded before their error is propagated. One with a
+               `group_size` (grid.GroupQuantizer) has fix(index, W_group) called as the sweep reaches
+               each group's first column, with the group's current weights (rows x group_size).
     factor:   hessian_inverse_factor(H, dampening), when the caller already has it.
     loss:     sum over weights of err^2 / 2 (the OBS estimate of the output error increase).
     """
@@ -120,6 +122,9 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
     loss = 0.0
     if n and blocksize % m:
         blocksize = blocksize - blocksize % m or m
+    group = getattr(quantizer, "group_size", 0)     # a GroupQuantizer: scales fixed as the sweep reaches a group
+    if group and blocksize % group and group % blocksize:
+        raise ValueError(f"blocksize {blocksize} and group size {group}: one must divide the other")
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -139,6 +144,8 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
                 score = (W1[i:i + m] / d[i:i + m, None]) ** 2          # m x rows
                 idx = torch.topk(score, n, dim=0, largest=False).indices
                 M1[i:i + m].scatter_(0, idx, True)
+            if group and (i1 + i) % group == 0:          # a group's scales: from its weights as they are now
+                quantizer.fix(i1 + i, torch.cat([W1[i:i + group].t(), W[:, i2:i1 + i + group]], dim=1))
             w = W1[i]
             if quantizer is None:
                 torch.mul(w.masked_fill(~M1[i], 0.0), inv_d[i], out=E1[i])

@@ -21,6 +21,7 @@ class Recipe:
     ignore: list = field(default_factory=list)
     wbits: int | None = None          # joint quantization (symmetric int grid), None = off
     per_channel: bool = True
+    group_size: int | None = None     # --wbits grid: one scale per row and this many input columns; None = per row/tensor
     allocation: str = "uniform"       # per-layer sparsity: uniform | owl (outlier-weighed, Yin et al. 2024)
     owl_threshold: float = 5.0        # OWL's M: a score is an outlier above M x its layer's mean score
     owl_lambda: float = 0.08          # OWL's lambda: layer sparsities span [s - lambda, s + lambda]
@@ -53,6 +54,7 @@ class Recipe:
         if self.wbits and not self.pruner.joint_quant:
             joint = [n for n, p in PRUNERS.items() if p.joint_quant]
             raise UserError(f"--wbits (joint quantization) needs --method {' or '.join(joint)}")
+        self._validate_group()
         self._validate_allocation()
         if self.smooth is not None and not 0 < self.smooth <= 1:
             raise UserError(f"--smooth (SmoothQuant alpha) must be in (0, 1], got {self.smooth}")
@@ -70,6 +72,22 @@ class Recipe:
             except re.error as e:
                 raise UserError(f"bad --ignore pattern {p!r}: {e}") from None
         return self
+
+    def _validate_group(self) -> None:
+        g = self.group_size
+        if g is None:
+            return
+        if not self.wbits:
+            raise UserError("--group-size sets the scales of a --wbits grid: give --wbits too")
+        if g < 32 or g & (g - 1):
+            raise UserError(f"--group-size must be a power of two >= 32, got {g}")
+        if not self.per_channel:
+            raise UserError("--group-size gives each row its own scales: it cannot go with --per-tensor")
+        if self.smooth is not None:
+            raise UserError("--smooth rescales the rows of a pruned grid, which group scales cannot follow: "
+                            "use it without --group-size")
+        if self.blocksize % g and g % self.blocksize:
+            raise UserError(f"--group-size {g} and --blocksize {self.blocksize}: one must divide the other")
 
     def _validate_allocation(self) -> None:
         if self.allocation not in ALLOCATIONS:

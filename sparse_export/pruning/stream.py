@@ -26,6 +26,7 @@ from ..checkpoints import (Layout, ShardReader, load_tensors, release, shard_nam
 from ..errors import UserError
 from ..layerwise import ACTIVATION_BUDGET, LayerBar, activation_stores, capture_first_layer_inputs, pick_device
 from ..outputs import META_FILE, Timer, peak_rss_gib, publish, write_json
+from .grid import check_group_widths
 from .driver import calibration_mode, layer_modules, layer_recipe, prune_layer, pruned_meta
 from .owl import layer_outlier_ratio, owl_record
 from .recipe import Recipe
@@ -215,6 +216,7 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
         reader = ShardReader(folder)
         model = skeleton(folder, reader)
         layers = models.decoder_layers(model)   # unsupported architecture: fail here
+        check_group_widths(model, models.prunable_names(model, recipe.ignore), recipe.group_size)
         layout = Layout(model, reader)
         tokenizer = models.folder_tokenizer(folder)
     with Timer() as t_calib:

@@ -1,4 +1,5 @@
-// Int8 Linear kernels for decode on CPU: y = x W^T + b with W on a per-row int8 grid.
+// Int8 Linear kernels for decode on CPU: y = x W^T + b with W on a per-row int8 grid, or (Layer.bits 4) on an
+// int4 grid with one scale per row and group of columns (the int4 section below).
 //
 // Activations: each token (row of x) is quantized to uint8 with its own scale and zero point.
 // Weights: either bitmask-packed (one mask bit per weight, 64-weight words, the nonzero int8 values
@@ -44,6 +45,11 @@ struct Layer {
   const int32_t* rowsum;    // sum of each row's int8 weights (zero-point correction)
   const float* scale;       // weight scale per row
   const float* bias;        // [out] or null
+  // int4 (appended; bits 0 or 8: the int8 layout above). bits 4: values are nibbles q+8, two per byte
+  // (sparse: per mask word ceil(popcount/2) bytes, offsets in bytes; dense: [out][32*words]); no rowsum, no
+  // scale: gscale [out][groups] float16 bits, one per row and gsize columns (gsize 32 or a multiple of 64).
+  int64_t bits, gsize, groups;
+  const uint16_t* gscale;
 };
 
 // Quantized activations of n tokens: rows of `stride` bytes (the padding is zero).
@@ -246,9 +252,215 @@ __attribute__((target(FAST_TARGET))) void group_fast(const Layer& L, const Acts&
   }
 }
 
+// ---- int4: nibbles expanded to int8 in registers, then the int8 path's VNNI products, per group of columns.
+// vpdpbusd's lane l (of 16) sums columns 4l..4l+3 of each 64-column word. Per lane and group the integers
+// v = sum xq*w - zp * sum w (the weights' sum counted as they are read, by a VNNI product with ones: no stored
+// row sums); each lane keeps its own float sum, f[l] += gscale * (float)v, group after group (groups of 32:
+// word after word, lanes 0-7 in the word's first group, 8-15 in its second); then the 16 lane sums are added
+// pairwise (sum16) and y = xscale * f (+ bias). Both code paths add the same floats in the same order.
+
+// float16 bits -> float (exact; the scales are positive, finite)
+inline __attribute__((always_inline)) float half_to_float(uint16_t h) {
+  uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+  float f;
+  if (e == 0) {
+    f = (float)m * 5.9604644775390625e-08f;  // subnormal: m * 2^-24
+    return sign ? -f : f;
+  }
+  uint32_t bits = sign | ((e == 31 ? 255u : e + 112u) << 23) | (m << 13);
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// 16 lane sums, pairwise in a fixed order (both paths)
+inline __attribute__((always_inline)) float sum16(float* part) {
+  for (int w = 8; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] += part[l + w];
+  return part[0];
+}
+
+// the scale of group g of row gs (0 past the last group: a word's padded second half)
+inline __attribute__((always_inline)) float group_scale(const Layer& L, const uint16_t* gs, int64_t g) {
+  return g < L.groups ? half_to_float(gs[g]) : 0.f;
+}
+
+// 32 bytes of nibble pairs -> 64 int8 weights (byte k: weights 2k, 2k+1 from its low, high nibble)
+__attribute__((target(FAST_TARGET), always_inline)) inline __m512i nibbles_fast(const uint8_t* p) {
+  __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
+  t = _mm512_and_si512(_mm512_or_si512(t, _mm512_slli_epi16(t, 4)), _mm512_set1_epi16(0x0F0F));
+  return _mm512_sub_epi8(t, _mm512_set1_epi8(8));
+}
+
+// word w of row r as 64 int8 weights in column order; p walks the packed stream (sparse)
+template <bool DENSE>
+__attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(const uint64_t* m, const uint8_t*& p,
+                                                                              int64_t w) {
+  if (DENSE) return nibbles_fast(p + 32 * w);
+  _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
+  uint64_t bits = m[w];
+  __m512i wv = _mm512_maskz_expand_epi8(bits, nibbles_fast(p));  // vpexpandb: nonzeros -> their lanes
+  p += (_mm_popcnt_u64(bits) + 1) / 2;
+  return wv;
+}
+
+// lane sums += scale * (float)(acc - zp * rs), and the integers into tot
+template <int B>
+__attribute__((target(FAST_TARGET), always_inline)) inline void fold4(__m512 sv, const __m512i (&acc)[B], __m512i rs,
+                                                                      const __m512i (&zp)[B], __m512 (&fl)[B],
+                                                                      __m512i (&tot)[B]) {
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    __m512i v = _mm512_sub_epi32(acc[b], _mm512_mullo_epi32(zp[b], rs));
+    fl[b] = _mm512_add_ps(fl[b], _mm512_mul_ps(sv, _mm512_cvtepi32_ps(v)));
+    tot[b] = _mm512_add_epi32(tot[b], v);
+  }
+}
+
+// One row x B tokens on the fast path: f[b] (the row's float sum) and itot[b] (its integers' sum).
+template <int B, bool DENSE>
+__attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& a, int64_t t0, int64_t r, float* f,
+                                                    int32_t* itot) {
+  const uint8_t* p = (const uint8_t*)L.values + (DENSE ? r * 32 * L.words : L.offsets[r]);
+  const uint64_t* m = DENSE ? nullptr : L.mask + r * L.words;
+  const uint16_t* gs = L.gscale + r * L.groups;
+  const uint8_t* xq = a.q + t0 * a.stride;
+  const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
+  __m512i zp[B], tot[B], acc[B];
+  __m512 fl[B];
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) zp[b] = _mm512_set1_epi32(a.zp[t0 + b]), tot[b] = zero, fl[b] = _mm512_setzero_ps();
+  if (L.gsize == 32) {  // two groups per word: lanes 0-7 and 8-15
+    for (int64_t w = 0; w < L.words; ++w) {
+      __m512i wv = word4_fast<DENSE>(m, p, w);
+      __m512i rs = _mm512_dpbusd_epi32(zero, ones, wv);
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b)
+        acc[b] = _mm512_dpbusd_epi32(zero, _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+      __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(group_scale(L, gs, 2 * w)),
+                                       _mm512_set1_ps(group_scale(L, gs, 2 * w + 1)));
+      fold4<B>(sv, acc, rs, zp, fl, tot);
+    }
+  } else {
+    const int64_t per = L.gsize / 64;  // words per group
+    for (int64_t g = 0; g < L.groups; ++g) {
+      __m512i rs = zero;
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) acc[b] = zero;
+      for (int64_t w = g * per, w1 = std::min(L.words, (g + 1) * per); w < w1; ++w) {
+        __m512i wv = word4_fast<DENSE>(m, p, w);
+        rs = _mm512_dpbusd_epi32(rs, ones, wv);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b)
+          acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+      }
+      fold4<B>(_mm512_set1_ps(half_to_float(gs[g])), acc, rs, zp, fl, tot);
+    }
+  }
+  alignas(64) float part[16];
+#pragma GCC unroll 8
+  for (int b = 0; b < B; ++b) {
+    _mm512_store_ps(part, fl[b]);
+    f[b] = sum16(part);
+    itot[b] = _mm512_reduce_add_epi32(tot[b]);
+  }
+}
+
+// f, tot of rows [r0, r1) -> y (and ints: each token's integer sum over groups)
+inline void finish4(const Layer& L, const Acts& a, int64_t t0, int nb, int64_t r, const float* f, const int32_t* tot,
+                    float* y, int32_t* ints) {
+  for (int b = 0; b < nb; ++b) {
+    int64_t t = t0 + b;
+    if (ints) ints[t * L.out + r] = tot[b];
+    float v = a.scale[t] * f[b];
+    if (L.bias) v += L.bias[r];
+    y[t * L.out + r] = v;
+  }
+}
+
+template <int B, bool DENSE>
+__attribute__((target(FAST_TARGET))) void group4_fast(const Layer& L, const Acts& a, int64_t t0, int64_t r0,
+                                                      int64_t r1, float* y, int32_t* ints) {
+  float f[B];
+  int32_t tot[B];
+  for (int64_t r = r0; r < r1; ++r) {
+    row4_fast<B, DENSE>(L, a, t0, r, f, tot);
+    finish4(L, a, t0, B, r, f, tot, y, ints);
+  }
+}
+
+template <bool DENSE>
+void group4_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
+                          int32_t* ints) {
+  switch (nb) {
+    case 1: return group4_fast<1, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 2: return group4_fast<2, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 3: return group4_fast<3, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 4: return group4_fast<4, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 5: return group4_fast<5, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 6: return group4_fast<6, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 7: return group4_fast<7, DENSE>(L, a, t0, r0, r1, y, ints);
+    default: return group4_fast<8, DENSE>(L, a, t0, r0, r1, y, ints);
+  }
+}
+
+// Scalar int4: the row's weights decoded into int8 (w, 64*words), then per token the lane sums of row4_fast.
+template <bool DENSE>
+void group4_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
+                   int32_t* ints) {
+  thread_local std::vector<int8_t> w;
+  const int64_t n = 64 * L.words;
+  w.assign(n, 0);
+  float f[MAX_TOKENS];
+  int32_t tot[MAX_TOKENS];
+  for (int64_t r = r0; r < r1; ++r) {
+    if (DENSE) {
+      const uint8_t* p = (const uint8_t*)L.values + r * 32 * L.words;
+      for (int64_t k = 0; k < n; ++k) w[k] = (int8_t)(((p[k >> 1] >> (4 * (k & 1))) & 15) - 8);
+    } else {
+      const uint8_t* p = (const uint8_t*)L.values + L.offsets[r];
+      std::fill(w.begin(), w.end(), 0);
+      for (int64_t wd = 0; wd < L.words; ++wd) {
+        uint64_t bits = L.mask[r * L.words + wd];
+        int i = 0;
+        for (uint64_t b = bits; b; b &= b - 1, ++i)  // the i-th set bit takes the i-th nibble of this word
+          w[64 * wd + __builtin_ctzll(b)] = (int8_t)(((p[i >> 1] >> (4 * (i & 1))) & 15) - 8);
+        p += (__builtin_popcountll(bits) + 1) / 2;
+      }
+    }
+    const uint16_t* gs = L.gscale + r * L.groups;
+    // units: a word (groups of 32) or a group of words; lane l of a unit: columns 64w+4l..64w+4l+3 of its words
+    const bool halves = L.gsize == 32;
+    const int64_t units = halves ? L.words : L.groups, per = halves ? 1 : L.gsize / 64;
+    for (int b = 0; b < nb; ++b) {
+      const uint8_t* xq = a.q + (t0 + b) * a.stride;
+      const int32_t zp = a.zp[t0 + b];
+      float part[16] = {};
+      tot[b] = 0;
+      for (int64_t u = 0; u < units; ++u) {
+        for (int l = 0; l < 16; ++l) {
+          int32_t acc = 0, sum_w = 0;
+          for (int64_t wd = u * per, w1 = std::min(L.words, (u + 1) * per); wd < w1; ++wd)
+            for (int j = 0; j < 4; ++j) {
+              int64_t k = 64 * wd + 4 * l + j;
+              acc += (int32_t)xq[k] * w[k];
+              sum_w += w[k];
+            }
+          int32_t v = acc - zp * sum_w;
+          float sc = halves ? group_scale(L, gs, 2 * u + (l >= 8)) : half_to_float(gs[u]);
+          part[l] += sc * (float)v;
+          tot[b] += v;
+        }
+      }
+      f[b] = sum16(part);
+    }
+    finish4(L, a, t0, nb, r, f, tot, y, ints);
+  }
+}
+
 template <bool DENSE>
 void group_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
                          int32_t* ints) {
+  if (L.bits == 4) return group4_dispatch_fast<DENSE>(nb, L, a, t0, r0, r1, y, ints);
   switch (nb) {
     case 1: return group_fast<1, DENSE>(L, a, t0, r0, r1, y, ints);
     case 2: return group_fast<2, DENSE>(L, a, t0, r0, r1, y, ints);
@@ -264,6 +476,7 @@ void group_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int6
 template <bool DENSE>
 void group_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
                   int32_t* ints) {
+  if (L.bits == 4) return group4_scalar<DENSE>(nb, L, a, t0, r0, r1, y, ints);
   int32_t acc[MAX_TOKENS];
   for (int64_t r = r0; r < r1; ++r) {
     rows_scalar<DENSE>(L, a, t0, nb, r, acc);

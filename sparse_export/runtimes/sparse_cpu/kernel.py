@@ -26,7 +26,9 @@ class _Layer(ctypes.Structure):
     """kernel.cpp's struct Layer, field for field."""
     _fields_ = [("out", ctypes.c_int64), ("in_", ctypes.c_int64), ("words", ctypes.c_int64),
                 ("mask", ctypes.c_void_p), ("values", ctypes.c_void_p), ("offsets", ctypes.c_void_p),
-                ("rowsum", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p)]
+                ("rowsum", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("bits", ctypes.c_int64), ("gsize", ctypes.c_int64), ("groups", ctypes.c_int64),
+                ("gscale", ctypes.c_void_p)]
 
 
 class _StepLayer(ctypes.Structure):
@@ -99,7 +101,8 @@ class KernelLayer:
         ptr = (lambda a: None if a is None else a.ctypes.data)
         self._struct = _Layer(packed.out_features, packed.in_features, packed.words, ptr(packed.mask),
                               ptr(packed.values), ptr(packed.offsets), ptr(packed.rowsum), ptr(packed.scale),
-                              ptr(packed.bias))
+                              ptr(packed.bias), packed.bits, packed.group_size,
+                              0 if packed.gscale is None else packed.gscale.shape[1], ptr(packed.gscale))
         self.address = ctypes.addressof(self._struct)
 
 

@@ -1,6 +1,9 @@
 """A model folder turned into the sparse-cpu model: every decoder Linear and the LM head run on the int8
 kernel; embeddings, norms and attention stay the model's own torch modules (float32).
 
+A `prune --wbits 4` folder (or fewer bits; --group-size or per-row scales, float16 values) runs its decoder
+matrices on the int4 kernel (packed.pack4); its LM head stays int8, rounded per row.
+
 Weights: a `prune --wbits 8` folder's matrices already lie on a per-row int8 grid (the scales are in
 its sparse_export.json) and are read back exactly; everything else (a dense model, the LM head) is
 rounded to nearest per row. Activations: each token's input to a Linear is quantized to uint8 with
@@ -18,13 +21,14 @@ from torch import nn
 from ... import checkpoints, models
 from ...errors import UserError
 from ...outputs import read_meta
-from ...pruning.grid import recorded_scales
+from ...pruning.grid import expand_scale, recorded_bits, recorded_group_size, recorded_scales
 from .kernel import PATHS, KernelLayer, int8_linear, resolve_path, run_linear
-from .packed import PackedLinear, int8_grid, pack
+from .packed import PackedLinear, half_exact, int4_grid, int8_grid, pack, pack4
 
 # A bitmask layer reads nnz + in/8 bytes per row instead of in: below this sparsity the dense layout
 # reads less (the mask costs 1/8 byte per weight), so "auto" packs such a layer dense.
 MASK_MIN_SPARSITY = 0.2
+MASK_MIN_SPARSITY_INT4 = 0.25   # int4: values cost 1/2 byte per nonzero, the mask still 1/8 per weight
 KERNEL_MODES = ("auto", "sparse", "dense")   # layout per layer: by its sparsity, always bitmask, always dense
 
 
@@ -82,11 +86,50 @@ class FakeQuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.float()
+        if self.scale.ndim == 2:
+            return self._grouped(x)
         if not self.exact:
             return nn.functional.linear(fake_quant_act(x), self.q.float() * self.scale[:, None], self.bias)
         q, s, zp = quantize_act(x)
         ints = (q - zp).double() @ self.q.double().t()
         y = self.scale * s * ints.float()
+        return y if self.bias is None else y + self.bias
+
+    def _grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """int4 (scale [out, groups]). exact=True follows the int4 kernel's order (kernel.cpp, row4_fast): the
+        columns in 64-column words, lane l of a word holding columns 4l..4l+3; per unit (a group of words, or a
+        word when groups are 32 columns: lanes 0-7 in its first group, 8-15 in its second) and lane, the
+        integers in float64 (exact); 16 float32 lane sums += scale * ints, unit after unit, added pairwise;
+        y = token scale * sum (+ bias)."""
+        out, n_in = self.q.shape
+        groups = self.scale.shape[1]
+        if not self.exact:
+            w = self.q.float() * expand_scale(self.scale, n_in)
+            return nn.functional.linear(fake_quant_act(x), w, self.bias)
+        q, s, zp = quantize_act(x)
+        words = -(-n_in // 64)
+        lead = x.shape[:-1]
+        xa = nn.functional.pad((q - zp).double(), (0, 64 * words - n_in)).reshape(*lead, words, 16, 4)
+        w = nn.functional.pad(self.q.double(), (0, 64 * words - n_in)).reshape(out, words, 16, 4)
+        size = n_in // groups if groups > 1 else 64 * words
+        lanes = torch.zeros(*lead, out, 16)
+        if size == 32:
+            for k in range(words):
+                ints = torch.einsum("...lj,olj->...ol", xa[..., k, :, :], w[:, k]).float()
+                sc = torch.zeros(out, 16)
+                for half in (0, 1):
+                    if 2 * k + half < groups:
+                        sc[:, 8 * half:8 * half + 8] = self.scale[:, 2 * k + half:2 * k + half + 1]
+                lanes = lanes + sc * ints
+        else:
+            per = size // 64
+            for g in range(groups):
+                part = slice(g * per, (g + 1) * per)
+                ints = torch.einsum("...wlj,owlj->...ol", xa[..., part, :, :], w[:, part]).float()
+                lanes = lanes + self.scale[:, g:g + 1] * ints
+        for step in (8, 4, 2, 1):
+            lanes = torch.cat([lanes[..., :step] + lanes[..., step:2 * step], lanes[..., step:]], dim=-1)
+        y = s * lanes[..., 0]
         return y if self.bias is None else y + self.bias
 
 
@@ -159,6 +202,10 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
     if sorted(n for g in groups for n in g) != sorted(names):
         raise ValueError("fuse must hold every matrix of linear_names(model) once")
     scales = recorded_scales(meta or {}, names[:-1])
+    bits = recorded_bits(meta or {})
+    if recorded_group_size(meta or {}) and bits > 4:
+        raise UserError(f"sparse-cpu runs group-wise grids at 4 bits or fewer; this folder's is {bits}-bit "
+                        "(prune with --wbits 4, or without --group-size)")
     layers, totals, exact, fused = {}, {}, [], {}
     for group in groups:
         if materialize is not None:
@@ -171,7 +218,12 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
                                 else None)
             totals["read"] = totals.get("read", 0) + 4 * (w.numel() + (w.shape[0] if has_bias else 0))
         else:
-            parts = [int8_grid(models.weight_2d(m), scales.get(n)) for n, m in zip(group, mods)]
+            four = [_is_int4(n, bits, scales) for n in group]
+            if any(four) and not all(four):
+                raise UserError(f"{', '.join(group)} run as one matrix but only some are on a 4-bit grid")
+            four = all(four)
+            parts = [(*int4_grid(models.weight_2d(m), scales[n]), True) if four else
+                     int8_grid(models.weight_2d(m), scales.get(n)) for n, m in zip(group, mods)]
             exact += [n for n, p in zip(group, parts) if p[2]]
             q, s = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
             has_bias = any(getattr(m, "bias", None) is not None for m in mods)
@@ -181,14 +233,15 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
                 new = FakeQuantLinear(q, s, bias, exact=reference == "exact")
                 dense = True
             else:
-                dense = kernel == "dense" or (kernel == "auto" and sparsity < MASK_MIN_SPARSITY)
-                packed = pack(q, s, bias, dense=dense)
+                floor = MASK_MIN_SPARSITY_INT4 if four else MASK_MIN_SPARSITY
+                dense = kernel == "dense" or (kernel == "auto" and sparsity < floor)
+                packed = pack4(q, s, bias, dense=dense) if four else pack(q, s, bias, dense=dense)
                 new = Int8Linear(packed, threads, path)
                 for k, v in packed.nbytes().items():
                     totals[k] = totals.get(k, 0) + v
             for n, p in zip(group, parts):
                 layers[n] = {"shape": list(p[0].shape), "sparsity": float(1 - np.count_nonzero(p[0]) / p[0].size),
-                             "dense": dense, "group": len(group)}
+                             "dense": dense, "group": len(group), "bits": 4 if four else 8}
         if fuse:
             fused[tuple(group)] = new
             for n in group:
@@ -198,6 +251,18 @@ def convert(model, meta: dict | None = None, kernel: str = "auto", threads: int 
         del mods
     model.float()
     return {"layers": layers, "bytes": totals, "exact_grid": exact, "fused": fused}
+
+
+def _is_int4(name: str, bits: int | None, scales: dict) -> bool:
+    """Whether matrix `name` runs int4: on a recorded grid of 4 bits or fewer with float16-valued scales."""
+    return bool(bits and bits <= 4 and name in scales and half_exact(scales[name]))
+
+
+def mixed_widths(groups: list[list[str]], meta: dict) -> bool:
+    """Whether a fused group would mix int4 and int8 matrices (e.g. a 4-bit prune with --ignore q_proj)."""
+    names = [n for g in groups for n in g]
+    scales, bits = recorded_scales(meta or {}, names), recorded_bits(meta or {})
+    return any(len({_is_int4(n, bits, scales) for n in g}) > 1 for g in groups)
 
 
 def load_int8_model(spec, kernel: str = "auto", threads: int = 1, path: str | None = None,
@@ -223,7 +288,10 @@ def load_int8_model(spec, kernel: str = "auto", threads: int = 1, path: str | No
         tokenizer = models.folder_tokenizer(where)
     else:
         model, tokenizer = models.load_model(spec)
-    summary = convert(model, meta, kernel, threads, path, reference, fuse(model) if fuse else None, materialize)
+    groups = fuse(model) if fuse else None
+    if groups and mixed_widths(groups, meta):   # int4 and int8 rows cannot share one packed matrix: run unfused
+        groups = None
+    summary = convert(model, meta, kernel, threads, path, reference, groups, materialize)
     unread = [n for n, t in model.state_dict(keep_vars=True).items() if t.is_meta] if stream else []
     if unread:   # a tensor outside the matrices (a norm, the embedding) the shards did not hold
         raise UserError(f"{where}: no value for {unread[0]} in its shards")

@@ -1,4 +1,4 @@
-"""The packed int8 format of one Linear, as the kernel reads it.
+"""The packed int8 and int4 formats of one Linear, as the kernel reads them.
 
 Weights W (out x in) sit on a per-row int8 grid: W = scale[r] * q[r, :], q int8. Two layouts:
 
@@ -9,6 +9,21 @@ Weights W (out x in) sit on a per-row int8 grid: W = scale[r] * q[r, :], q int8.
 
 and in both: rowsum int32 [out] (sum of q per row: the activation zero point's correction), scale
 float32 [out], bias float32 [out] or None. Columns past `in` (padding) are zero: no mask bit, no value.
+
+Int4 (bits=4; weights q in [-8, 7] on a grid with one scale per row and group of `group_size` columns:
+W = gscale[r, g] * q[r, k], g = k // group_size). Nibbles hold q + 8 (offset binary), two per byte: the
+first weight of a pair in the low nibble, the second in the high one.
+
+  bitmask  mask    uint64 [out, words]   as int8
+           values  uint8 [bytes + 32]    per row, per mask word: its nonzeros' nibbles in column order,
+                                         ceil(popcount / 2) bytes (an odd count leaves the last high
+                                         nibble unused), so each word starts on a byte; 32 bytes slack
+           offsets int64 [out + 1]       where each row's bytes start in values
+  dense    values  uint8 [out, 32*words] every weight, columns 2k and 2k+1 of a row in byte k (padding: q=0)
+
+and in both: gscale float16 [out, groups] (groups * group_size >= in; the group scales the pruner made are
+float16 values, so this is exact), bias float32 [out] or None; no rowsum (the kernel sums each group's
+weights as it goes) and no per-row scale.
 """
 
 from dataclasses import dataclass
@@ -31,6 +46,9 @@ class PackedLinear:
     bias: np.ndarray | None = None
     mask: np.ndarray | None = None      # None: the dense layout
     offsets: np.ndarray | None = None
+    bits: int = 8                       # 8: int8 values and per-row scales; 4: nibbles and group scales
+    group_size: int = 0                 # int4: columns per scale group
+    gscale: np.ndarray | None = None    # int4: float16 [out, groups]
 
     @property
     def words(self) -> int:
@@ -42,17 +60,24 @@ class PackedLinear:
 
     @property
     def nnz(self) -> int:
+        if self.bits == 4:
+            return int(np.count_nonzero(unpack(self)))
         return int(self.offsets[-1]) if not self.dense else int(np.count_nonzero(self.values))
 
     def nbytes(self) -> dict:
         """Bytes of each part. `weight` = values (the nonzeros, or every padded weight when dense) + mask +
         scales; `read` = every byte a pass over the layer reads (adds offsets, row sums and bias)."""
-        values = self.nnz if not self.dense else self.out_features * WORD * self.words
+        if self.bits == 4:
+            values = int(self.offsets[-1]) if not self.dense else self.values.nbytes
+            scales = self.gscale.nbytes
+        else:
+            values = self.nnz if not self.dense else self.out_features * WORD * self.words
+            scales = self.scale.nbytes
         mask = 0 if self.dense else self.mask.nbytes
-        extra = self.rowsum.nbytes + (0 if self.dense else self.offsets.nbytes) + \
-            (self.bias.nbytes if self.bias is not None else 0)
-        return {"values": values, "mask": mask, "scales": self.scale.nbytes,
-                "weight": values + mask + self.scale.nbytes, "read": values + mask + self.scale.nbytes + extra}
+        extra = (self.rowsum.nbytes if self.rowsum is not None else 0) + \
+            (0 if self.dense else self.offsets.nbytes) + (self.bias.nbytes if self.bias is not None else 0)
+        return {"values": values, "mask": mask, "scales": scales,
+                "weight": values + mask + scales, "read": values + mask + scales + extra}
 
 
 def pack(q: np.ndarray, scale, bias=None, dense: bool = False) -> PackedLinear:
@@ -80,8 +105,86 @@ def pack(q: np.ndarray, scale, bias=None, dense: bool = False) -> PackedLinear:
     return PackedLinear(out, n_in, values, rowsum, scale, bias, np.ascontiguousarray(mask), offsets)
 
 
+def half_exact(scale) -> bool:
+    """Whether every scale is a float16 value (what the int4 layout stores)."""
+    s = np.asarray(scale, np.float32)
+    return bool(np.all(s.astype(np.float16).astype(np.float32) == s) and np.all(s > 0))
+
+
+def pack4(q: np.ndarray, gscale, bias=None, dense: bool = False) -> PackedLinear:
+    """q int8 [out, in] with values in [-8, 7], gscale [out, groups] (groups dividing in; [out] or [out, 1]:
+    one scale per row), bias or None -> the int4 PackedLinear."""
+    q = np.ascontiguousarray(q)
+    if q.dtype != np.int8 or q.ndim != 2:
+        raise UserError(f"pack4() wants a 2-D int8 matrix, not {q.dtype} {q.shape}")
+    out, n_in = q.shape
+    if n_in > MAX_IN_FEATURES:
+        raise UserError(f"in_features {n_in} is over the kernel's limit of {MAX_IN_FEATURES}")
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise UserError("int4 packing needs weights in [-8, 7]")
+    gscale = np.asarray(gscale, np.float32).reshape(out, -1)
+    groups = gscale.shape[1]
+    words = -(-n_in // WORD)
+    if groups == 1:
+        group_size = WORD * words                       # one scale per row: one group over the padded row
+    elif n_in % groups:
+        raise UserError(f"{groups} scale groups do not divide {n_in} input columns")
+    else:
+        group_size = n_in // groups
+        if group_size % 32:
+            raise UserError(f"the int4 kernel needs groups of a multiple of 32 columns, not {group_size}")
+    if not half_exact(gscale):
+        raise UserError("int4 group scales must be positive float16 values (as the pruner makes them)")
+    bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.float32).reshape(out))
+    padded = np.zeros((out, words * WORD), np.int8)
+    padded[:, :n_in] = q
+    nib = (padded.astype(np.int16) + 8).astype(np.uint8)
+    common = dict(bits=4, group_size=group_size, gscale=np.ascontiguousarray(gscale.astype(np.float16)))
+    if dense:
+        values = nib[:, 0::2] | (nib[:, 1::2] << 4)
+        return PackedLinear(out, n_in, np.ascontiguousarray(values), None, None, bias, **common)
+    nonzero = padded != 0
+    mask = np.packbits(nonzero, axis=1, bitorder="little").view("<u8").reshape(out, words)
+    count = nonzero.reshape(out * words, WORD).sum(axis=1)              # nonzeros per (row, word)
+    slots = count + count % 2                                            # nibbles per word: a whole byte count
+    slot_start = np.zeros(out * words + 1, np.int64)
+    np.cumsum(slots, out=slot_start[1:])
+    nz_start = np.zeros(out * words + 1, np.int64)
+    np.cumsum(count, out=nz_start[1:])
+    word_of = np.repeat(np.arange(out * words), count)                   # each nonzero's (row, word), in order
+    where = slot_start[word_of] + np.arange(len(word_of)) - nz_start[word_of]
+    stream = np.full(int(slot_start[-1]), 8, np.uint8)
+    stream[where] = nib[nonzero]
+    values = np.concatenate([stream[0::2] | (stream[1::2] << 4), np.zeros(32, np.uint8)])
+    offsets = np.ascontiguousarray(slot_start[::words] // 2)
+    return PackedLinear(out, n_in, values, None, None, bias, np.ascontiguousarray(mask), offsets, **common)
+
+
+def _unpack4(p: PackedLinear) -> np.ndarray:
+    out, words = p.out_features, p.words
+    if p.dense:
+        nib = np.empty((out, WORD * words), np.uint8)
+        nib[:, 0::2], nib[:, 1::2] = p.values & 15, p.values >> 4
+        return (nib.astype(np.int16) - 8).astype(np.int8)[:, :p.in_features]
+    bits = np.unpackbits(p.mask.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    count = bits.reshape(out * words, WORD).sum(axis=1)
+    nbytes = int(p.offsets[-1])
+    stream = np.empty(2 * nbytes, np.uint8)
+    stream[0::2], stream[1::2] = p.values[:nbytes] & 15, p.values[:nbytes] >> 4
+    slots = count + count % 2
+    slot_start = np.concatenate([[0], np.cumsum(slots)])
+    nz_start = np.concatenate([[0], np.cumsum(count)])
+    word_of = np.repeat(np.arange(out * words), count)
+    where = slot_start[word_of] + np.arange(len(word_of)) - nz_start[word_of]
+    q = np.zeros(bits.shape, np.int8)
+    q[bits] = (stream[where].astype(np.int16) - 8).astype(np.int8)
+    return q[:, :p.in_features]
+
+
 def unpack(p: PackedLinear) -> np.ndarray:
-    """The int8 matrix [out, in] back from either layout."""
+    """The int8 matrix [out, in] back from either layout (int4 weights as int8 values in [-8, 7])."""
+    if p.bits == 4:
+        return _unpack4(p)
     if p.dense:
         return p.values[:, :p.in_features].copy()
     bits = np.unpackbits(p.mask.view(np.uint8), axis=1, bitorder="little").astype(bool)
@@ -109,3 +212,13 @@ def int8_grid(w, scale=None) -> tuple[np.ndarray, np.ndarray, bool]:
     s = w.abs().amax(dim=1).clamp_min(1e-12) / 127
     q = torch.clamp(torch.round(w / s[:, None]), -128, 127).to(torch.int8)
     return q.numpy(), s.numpy(), False
+
+
+def int4_grid(w, scale) -> tuple[np.ndarray, np.ndarray]:
+    """(q int8 [out, in] in [-8, 7], scales [out, groups]) for weights w (a torch tensor) read back exactly on
+    the 4-bit (or coarser) grid a --wbits prune recorded: per row ([out]: one group) or per group."""
+    from ...pruning.grid import grid_tolerance, int_weight
+
+    q = int_weight(w.detach().float(), scale, bits=4, tol=grid_tolerance(w.dtype))
+    s = np.asarray(scale, np.float32)
+    return q.numpy(), s.reshape(s.shape[0], -1)

@@ -1,0 +1,167 @@
+"""Group-wise grids (--wbits 4 --group-size G) in the joint SparseGPT sweep, against a naive reference."""
+
+import pytest
+import torch
+
+from sparse_export import models
+from sparse_export.cli.main import main
+from sparse_export.errors import UserError
+from sparse_export.outputs import read_meta
+from sparse_export.pruning.grid import GroupQuantizer, check_int8_grid, int_weight, recorded_scales
+from sparse_export.pruning.jobs import prune
+from sparse_export.pruning.pruners import sparsegpt
+from sparse_export.pruning.recipe import Recipe
+
+
+def naive_joint(W, H, sparsity, blocksize, group, bits=4, damp=0.01, keep_nonzero=False):
+    """SparseGPT with a group-wise grid written plainly in float64: the inverse Hessian's upper Cholesky
+    factor from torch.linalg (no lazy batches), every column's error applied to all later columns at once,
+    a block's mask from the lowest fraction of (w / U_jj)^2 over the block, a group's scales from max |w| of
+    its columns when the sweep reaches its first one (float16 values), kept weights rounded to nearest (with
+    keep_nonzero: +-1 where that is 0), pruned ones 0."""
+    W = W.double().clone()
+    rows, cols = W.shape
+    Hd = H.double() + damp * H.diag().mean() * torch.eye(cols, dtype=torch.float64)
+    U = torch.linalg.cholesky(torch.linalg.inv(Hd), upper=True)
+    qmax = 2 ** (bits - 1) - 1
+    scales = torch.zeros(rows, cols // group, dtype=torch.float64)
+    mask = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        score = (W[:, i1:i2] / U.diag()[i1:i2]) ** 2
+        k = int(score.numel() * sparsity)
+        block = torch.zeros(score.numel(), dtype=torch.bool)
+        block[score.reshape(-1).argsort()[:k]] = True
+        mask[:, i1:i2] = block.view(score.shape)
+        for j in range(i1, i2):
+            if j % group == 0:
+                s = W[:, j:j + group].abs().amax(dim=1) / qmax
+                scales[:, j // group] = s.clamp_min(2.0 ** -24).half().double()
+            s = scales[:, j // group]
+            q = torch.clamp(torch.round(W[:, j] / s), -qmax - 1, qmax)
+            q = (torch.where(q == 0, torch.sign(W[:, j]), q) if keep_nonzero else q) * s
+            q[mask[:, j]] = 0
+            err = (W[:, j] - q) / U[j, j]
+            W[:, j:] -= torch.outer(err, U[j, j:])
+            W[:, j] = q
+    return W, mask, scales
+
+
+@pytest.mark.parametrize("keep_nonzero", [False, True])
+@pytest.mark.parametrize("group,blocksize,sparsity", [(32, 64, 0.5), (64, 128, 0.5), (128, 128, 0.7),
+                                                      (256, 128, 0.5), (64, 128, 0.0)])
+def test_group_joint_pruning_matches_the_naive_reference(group, blocksize, sparsity, keep_nonzero):
+    torch.manual_seed(group + blocksize)
+    rows, cols = 24, 256
+    W = torch.randn(rows, cols)
+    X = torch.randn(4 * cols, cols) * torch.rand(cols) * 2
+    H = X.t() @ X / X.shape[0]
+    quant = GroupQuantizer(rows, cols, 4, group, keep_nonzero=keep_nonzero)
+    Wn, mask, _ = sparsegpt(W, H, sparsity, blocksize=blocksize, quantizer=quant)
+    ref, ref_mask, ref_scale = naive_joint(W, H, sparsity, blocksize, group, keep_nonzero=keep_nonzero)
+    # the properties, exactly: every weight an integer in [-8, 7] of its group's scale, pruned weights 0
+    q = Wn / quant.scale.repeat_interleave(group, dim=1)
+    assert torch.equal(q, torch.round(q)) and q.min() >= -8 and q.max() <= 7
+    assert bool((Wn[mask] == 0).all())                    # zeros stay zero: no pruned weight comes back
+    assert float(mask.float().mean()) == pytest.approx(sparsity, abs=0.01)
+    if keep_nonzero:
+        assert torch.equal(Wn == 0, mask)                 # the pruner's mask is exactly the artifact's
+    else:                                                 # only kept weights under half a step became 0
+        assert float(((Wn == 0) & ~mask).float().mean()) < 0.25
+    assert torch.equal(quant.scale.half().float(), quant.scale)   # float16 values
+    # against the reference: the same mask, scales and integers (float32 vs float64 sweeps may round a rare
+    # weight the other way near a half step)
+    assert (mask == ref_mask).float().mean() >= 0.995
+    close = torch.isclose(quant.scale.double(), ref_scale, rtol=2e-3)
+    assert close.float().mean() >= 0.95 and torch.allclose(quant.scale.double(), ref_scale, rtol=0.05)
+    ref_q = ref / ref_scale.repeat_interleave(group, dim=1)
+    assert (torch.round(ref_q) == q.double()).float().mean() >= 0.98
+    assert ((ref == 0) == (Wn == 0)).float().mean() >= 0.99
+    assert ((Wn.double() - ref).abs() <= 0.02 * float(ref.abs().max())).float().mean() >= 0.99
+
+
+def test_group_scales_follow_the_updated_weights():
+    """A group's scales come from its weights as the sweep reaches it (already updated), not from W before the
+    sweep: a scale fixed from the original weights differs."""
+    torch.manual_seed(3)
+    W, X = torch.randn(8, 128), torch.randn(400, 128)
+    H = X.t() @ X
+    quant = GroupQuantizer(8, 128, 4, 32)
+    sparsegpt(W, H, 0.5, blocksize=128, quantizer=quant)
+    before = (W[:, 32:64].abs().amax(dim=1) / 7).half().float()
+    assert not torch.equal(quant.scale[:, 1], before)
+    assert torch.equal(quant.scale[:, 0], (W[:, :32].abs().amax(dim=1) / 7).half().float())  # nothing before it
+
+
+@pytest.mark.parametrize("kw,expect", [
+    (dict(group_size=128), "--wbits"),
+    (dict(wbits=4, group_size=48), "power of two"),
+    (dict(wbits=4, group_size=16), "power of two"),
+    (dict(wbits=4, group_size=64, per_channel=False), "--per-tensor"),
+    (dict(wbits=4, group_size=64, blocksize=96), "--blocksize"),
+    (dict(wbits=4, group_size=64, smooth=0.5), "--smooth"),
+])
+def test_recipe_refuses_bad_groups(kw, expect):
+    with pytest.raises(UserError, match=expect):
+        Recipe(**kw).validate()
+    Recipe(wbits=4, group_size=256).validate()      # a group wider than the block: fine
+
+
+@pytest.fixture(scope="module")
+def group_dir(tiny_dirs, text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("g4") / "p"
+    prune(tiny_dirs["llama"], out, Recipe(sparsity=0.5, wbits=4, group_size=32, calib=str(text_file), nsamples=4,
+                                          seqlen=64), log=lambda *_: None)
+    return out
+
+
+def test_group_folder_records_the_grid_and_reads_back_exactly(group_dir):
+    meta = read_meta(group_dir)
+    assert meta["recipe"]["group_size"] == 32 and meta["quantization"]["group_size"] == 32
+    assert meta["quantization"]["granularity"] == "per-group" and meta["quantization"]["bits"] == 4
+    model, _ = models.load_model(group_dir)
+    names = models.prunable_names(model)
+    scales = recorded_scales(meta, names)
+    assert set(scales) == set(names)
+    for name in names:
+        W = models.weight_2d(model.get_submodule(name)).float()
+        s = torch.tensor(scales[name])
+        assert s.shape == (W.shape[0], W.shape[1] // 32)
+        q = int_weight(W, scales[name], bits=4)                     # exact: distance 0 steps
+        assert torch.equal(q.float() * s.repeat_interleave(32, dim=1), W)
+        assert float((W == 0).float().mean()) >= 0.5
+    with pytest.raises(UserError):                                   # off the grid: refused
+        int_weight(W + 0.3 * s.repeat_interleave(32, dim=1), scales[name], bits=4)
+    with pytest.raises(UserError, match="4-bit group-wise"):
+        check_int8_grid(meta)
+
+
+def one_line_error(code, err):
+    lines = [x for x in err.strip().splitlines() if x.strip()]
+    return code != 0 and len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_group_size_that_does_not_divide_is_a_one_line_error(tiny_dirs, text_file, tmp_path, capsys, stream):
+    out = tmp_path / "bad"
+    code = main(["prune", str(tiny_dirs["llama"]), "--out", str(out), "--calib", str(text_file), "--nsamples", "4",
+                 "--seqlen", "32", "--wbits", "4", "--group-size", "256"] + (["--stream"] if stream else []))
+    err = capsys.readouterr().err
+    assert one_line_error(code, err) and "does not divide the input width" in err
+    assert not out.exists()
+
+
+def test_streamed_group_prune_equals_in_memory(tiny_dirs, text_file, tmp_path):
+    """--stream with group grids: the same weights and scales as the in-memory prune."""
+    a, b = tmp_path / "mem", tmp_path / "stream"
+    args = ["--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--wbits", "4", "--group-size", "64",
+            "--threads", "1"]
+    assert main(["prune", str(tiny_dirs["llama"]), "--out", str(a), "--no-stream"] + args) == 0
+    assert main(["prune", str(tiny_dirs["llama"]), "--out", str(b), "--stream"] + args) == 0
+    ma, mb = read_meta(a), read_meta(b)
+    for name, entry in ma["matrices"].items():
+        assert entry["scale"] == mb["matrices"][name]["scale"]
+    wa, _ = models.load_model(a)
+    wb, _ = models.load_model(b)
+    for (n, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
+        assert torch.equal(x, y), n
