@@ -9,8 +9,9 @@ from tests.runtimes.test_sparse_cpu import _lively_tiny, _session
 
 
 @pytest.fixture(scope="module")
-def folders(tokenizer, tmp_path_factory):
-    """A tiny lively llama (dense int8 after rounding) and the same pruned 70% (bitmask layout)."""
+def folders(tokenizer, text_file, tmp_path_factory):
+    """A tiny lively llama (dense int8 after rounding), the same pruned 70% (bitmask layout) and 50% with
+    4-bit group-32 weights (the int4 kernel under the batched step)."""
     from sparse_export.pruning.jobs import prune
     from sparse_export.pruning.recipe import Recipe
 
@@ -18,7 +19,10 @@ def folders(tokenizer, tmp_path_factory):
     dense = _lively_tiny("llama", root / "dense", tokenizer)
     sparse = root / "mag"
     prune(dense, sparse, Recipe(method="magnitude", sparsity=0.7), log=lambda *_: None)
-    return [dense, sparse]
+    int4 = root / "int4"
+    prune(dense, int4, Recipe(sparsity=0.5, wbits=4, group_size=32, calib=str(text_file), nsamples=4, seqlen=64),
+          log=lambda *_: None)
+    return [dense, sparse, int4]
 
 
 def _alone(session, prompt, tokens):

@@ -928,7 +928,7 @@ const bool HAS_FAST = cpu_has_fast();
 extern "C" {
 
 // Bumped whenever the Layer struct or a signature changes: kernel.py refuses a stale build.
-int sc_abi_version(void) { return 7; }
+int sc_abi_version(void) { return 8; }
 
 // 1 when the AVX-512 VBMI2 + VNNI path can run on this CPU.
 int sc_has_fast(void) { return HAS_FAST ? 1 : 0; }
