@@ -141,7 +141,6 @@ def prepare(args):
     """The dense folder, our pruned folders, the GGUFs; their list in WORK/models.json."""
     from sparse_export.pruning import jobs
 
-    sys.path.insert(0, str(HERE))
     import llamacpp_gguf
 
     work = Path(args.work)
@@ -302,7 +301,6 @@ def _llama_nll(exe, gguf, ids_file, threads) -> tuple[float, int]:
 def speed_stage(args):
     from sparse_export.measure.generation import measure_generation
 
-    sys.path.insert(0, str(HERE))
     import llamacpp_gguf
 
     points = _points(args)
@@ -406,6 +404,18 @@ def plot_stage(args):
                   f"{sc['repetitions']} repetitions; llama.cpp: `{sc['llama.cpp']}`; ours: {sc['ours']}.")
     else:
         md.append("Decode speed: not measured in this file yet (run the `speed` stage on a quiet machine).")
+    pts = res["points"]
+    f16, dense = pts.get("llama.cpp F16", {}), pts.get("ours dense int8", {})
+    if f16.get("perplexity") and dense.get("torch_perplexity"):
+        md += ["", f"Check of the scoring: llama.cpp F16 through `llama_logits` {f16['perplexity']:.3f}, torch float32 "
+                   f"on the dense folder {dense['torch_perplexity']:.3f} (the same weights; F16 storage)."]
+    fallback = [label for label, p in pts.items() if "_K" in str(p.get("type")) and p.get("tensor_types_mb")
+                and not next(iter(p["tensor_types_mb"])).endswith("_K")]
+    if fallback:
+        md += ["", f"K-quant fallbacks: {', '.join(x.replace('llama.cpp ', '') for x in fallback)} store most of "
+                   "their bytes in other types (`stored as`): K-quants pack blocks of 256 weights, and llama-quantize "
+                   "falls back (Q8_0, Q5_0, Q4_0, ...) for rows whose length 256 does not divide (SmolLM2's hidden "
+                   "size is 576). The token embedding (the tied LM head) is Q8_0 in every quantized type."]
     if not args.shape:
         md += ["", f"Note: {Q4_1_NOTE}"]
     md += ["", table(rows, cols)]
