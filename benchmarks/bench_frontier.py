@@ -436,6 +436,8 @@ def _plot(res, png, shape) -> bool:
     threads = sorted({t for p in res["points"].values() for t in (p.get("tok_s") or {})}, key=int)
     have = [t for t in threads if any(p.get("perplexity") and (p.get("tok_s") or {}).get(t)
                                       for p in res["points"].values())]
+    if shape:
+        return _plot_speed(res, png, shape, threads, plt)
     if not have:
         return _plot_ppl_only(res, png, shape, plt)
     fig, axes = plt.subplots(1, len(have), figsize=(7 * len(have), 5.5), squeeze=False)
@@ -460,6 +462,29 @@ def _plot(res, png, shape) -> bool:
         fig.text(0.01, 0.005, "SmolLM2's weights here come from a Q4_1 GGUF: 4-bit types that keep Q4_1's grid "
                  "may be flattered.", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _plot_speed(res, png, shape, threads, plt) -> bool:
+    """Random-weight shapes: decode tok/s against weight bytes read per token, one panel per thread count."""
+    if not threads:
+        return False
+    fig, axes = plt.subplots(1, len(threads), figsize=(7 * len(threads), 5), squeeze=False)
+    for ax, t in zip(axes[0], threads):
+        for engine, color, marker in (("llama.cpp", "tab:gray", "s"), ("ours", "tab:red", "o")):
+            for label, p in res["points"].items():
+                x, y = p.get("bytes_per_token"), (p.get("tok_s") or {}).get(t)
+                if p.get("engine") == engine and x and y:
+                    ax.scatter(x / 1e6, y, color=color, marker=marker)
+                    ax.annotate(label.replace("llama.cpp ", "").replace("ours ", ""), (x / 1e6, y), fontsize=7,
+                                xytext=(4, 3), textcoords="offset points")
+        ax.set_xlabel("weight MB read per token")
+        ax.set_ylabel(f"decode tokens/s, {t} thread{'s' if t != '1' else ''}")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"decode speed at the {shape} shape (random weights; gray: llama.cpp, red: ours)")
+    fig.tight_layout()
     fig.savefig(png, dpi=110)
     plt.close(fig)
     return True
