@@ -48,7 +48,7 @@ def measure_generation(folders: dict, runtime: str, prompt_tokens: int = 256, ne
             s.engine(prompt_tokens)
             s.engine(1)
         sessions[label] = s
-    ids = {label: prompt_ids(models.read_config(f)["vocab_size"], prompt_tokens) for label, f in folders.items()}
+    ids = {label: prompt_ids(_vocab_size(sessions[label], f), prompt_tokens) for label, f in folders.items()}
     for label in folders:
         for _ in range(warmup):
             _one(sessions[label], ids[label], min(new_tokens, 8))
@@ -58,6 +58,32 @@ def measure_generation(folders: dict, runtime: str, prompt_tokens: int = 256, ne
             runs[label].append(_one(sessions[label], ids[label], new_tokens))
     return [_row(label, folders[label], runtime, sessions[label], runs[label], prompt_tokens, new_tokens,
                  iterations, threads) for label in folders]
+
+
+def _vocab_size(session, folder) -> int:
+    """The vocabulary of a loaded model (a sparse-cpu session also runs 'smollm2' or a .gguf file), else
+    of the folder's config."""
+    config = getattr(getattr(session, "model", None), "config", None)
+    return config.vocab_size if config is not None else models.read_config(folder)["vocab_size"]
+
+
+def measure_our_runtime(dense, pruned, prompt_tokens: int = 256, new_tokens: int = 128, warmup: int = 1,
+                        iterations: int = 3, threads: int | None = None) -> list[dict]:
+    """Our own runtimes beside each other: sparse-cpu-dense on the dense model (every matrix dense int8,
+    rounded per row when it has no int8 grid) and sparse-cpu on the pruned folder, timed interleaved.
+    Rows "dense" and "sparse"; speedups are over the dense row."""
+    from ..runtimes.sparse_cpu.session import DecodeSession
+
+    sessions = {"dense": DecodeSession(dense, "sparse-cpu-dense", threads),
+                "sparse": DecodeSession(pruned, "sparse-cpu", threads)}
+    rows = measure_generation({"dense": str(dense), "sparse": str(pruned)}, "sparse-cpu", prompt_tokens,
+                              new_tokens, warmup, iterations, threads, sessions)
+    base = rows[0]
+    base["runtime"] = "sparse-cpu-dense"
+    for r in rows:
+        r["speedup_vs_baseline"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["ttft_speedup_vs_baseline"] = base["ttft_ms"] / r["ttft_ms"]
+    return rows
 
 
 def _session(folder, runtime, threads):

@@ -108,7 +108,8 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
         write_report(run.tmp, _title(run), cpu_sections(report, str(out)), report, plot=PLOT)
     outputs = ["pruned-model/"] + [f"onnx-{label}/" for label in ("dense", "dense-int8", "sparse", "int8")
                                    if label in run.folders]
-    outputs += [] if gen_skip else ["dense-kv/", "sparse-kv/", "generate.png"]
+    gen = report["generate"]
+    outputs += ([] if gen_skip else ["dense-kv/", "sparse-kv/"]) + (["generate.png"] if gen.get("rows") else [])
     log(f"wrote {out} ({', '.join(outputs + ['report.md', 'report.json', PLOT])})")
     return report
 
@@ -367,15 +368,64 @@ def generation_step(dense_model, sparse_model, out_dir, runtimes: list[str], opt
 
 
 def generation_results(run: _Run, gen_skip: str | None) -> dict:
-    """generation_step unless skipped (then {"skipped": why})."""
-    if gen_skip:
-        run.log(f"generation benchmark skipped: {gen_skip}")
-        return {"skipped": gen_skip}
+    """generation_step unless skipped, and with --int8 or --wbits our own runtimes on the model folders
+    (sparse_cpu_generation); {"skipped": why} when neither runs."""
     streamed = run.plan is not None and run.plan.streamed
-    int8 = _int8_options(run) if run.plan is not None and run.plan.skip_fp32 else None
-    return generation_step(run.plan.folder if streamed else run.model, run.tmp / "pruned-model", run.tmp,
-                           [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log,
-                           budget=run.plan.budget if streamed else None, int8=int8)
+    dense = run.plan.folder if streamed else run.model
+    ours = run.opts.generate and bool(run.opts.int8 or run.opts.recipe.wbits)
+    if gen_skip:
+        run.log(f"generation benchmark{' (KV-cache graphs)' if ours else ''} skipped: {gen_skip}")
+        if not ours:
+            return {"skipped": gen_skip}
+        result = None
+    else:
+        int8 = _int8_options(run) if run.plan is not None and run.plan.skip_fp32 else None
+        result = generation_step(dense, run.tmp / "pruned-model", run.tmp,
+                                 [r for r in run.runtimes if r in GENERATE_RUNTIMES], run.opts, run.step_log,
+                                 budget=run.plan.budget if streamed else None, int8=int8)
+    if ours:
+        result = sparse_cpu_generation(dense, run.tmp / "pruned-model", run.opts, result, run.log)
+        if gen_skip:
+            result["kv_skipped"] = gen_skip
+        if result["rows"]:
+            plot_generation(result, run.tmp / "generate.png")
+    return result
+
+
+def sparse_cpu_generation(dense_model, pruned_dir, opts: CpuOptions, result: dict | None, log=print) -> dict:
+    """Decode speed of our runtimes on the model folders themselves (no graph): sparse-cpu on pruned_dir
+    and sparse-cpu-dense on the dense model, added to `result` (generation_step's; None: a new one).
+    A failure is recorded as a crash: what the earlier steps produced stays."""
+    from ..measure import machine
+    from ..measure.generation import measure_our_runtime
+
+    if result is None:
+        result = {"config": {"mode": "generate", "batch": 1, "prompt_tokens": opts.prompt_tokens,
+                             "new_tokens": opts.new_tokens, "iterations": min(opts.iterations, 3),
+                             "threads": opts.threads or "all", "baseline": "dense"},
+                  "rows": [], "crashes": [], "trust": None, "versions": library_versions()}
+    log(f"generation benchmark: sparse-cpu on pruned-model/, sparse-cpu-dense on the dense model, "
+        f"{opts.prompt_tokens}-token prompt, {opts.new_tokens} new tokens")
+    before = machine.snapshot()
+    try:
+        rows = measure_our_runtime(dense_model, pruned_dir, opts.prompt_tokens, opts.new_tokens,
+                                   iterations=min(opts.iterations, 3), threads=opts.threads)
+    except Exception as e:  # noqa: BLE001 - an optional measurement: record it, keep the artifacts
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log(f"sparse-cpu generation failed: {first}")
+        result["crashes"].append({"runtime": "sparse-cpu", "models": ["dense", "sparse"],
+                                  "threads": opts.threads or "all", "error": f"{type(e).__name__}: {first}",
+                                  "retry": "none (not an engine crash to retry on one thread)"})
+        return result
+    trust = machine.trust(before, machine.snapshot(), rows, spread_of=("decode_ms_p90", "decode_ms_min"))
+    log(trust_line(trust))
+    result["rows"] += rows
+    if result["trust"] is None:
+        result["trust"] = trust
+    else:   # one trust line for the section: the KV-cache graphs' numbers and ours
+        result["trust"]["warnings"] = list(dict.fromkeys(result["trust"]["warnings"] + trust["warnings"]))
+        result["trust_sparse_cpu"] = trust
+    return result
 
 
 def _warnings(run: _Run, report: dict) -> list[str]:

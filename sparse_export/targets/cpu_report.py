@@ -60,8 +60,7 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
     if "rows" in g:
         c = g["config"]
         out.append((f"Generation ({c['prompt_tokens']}-token prompt, {c['new_tokens']} new tokens, batch 1)",
-                    generation_table(g) + "\n\ntokens/s = 1000 / ms per token (median step).\n\n"
-                    + trust_line(g["trust"]) + "\n\n![decode speed](generate.png)"))
+                    _generation_text(g)))
     elif g.get("skipped") and g["skipped"] != "--no-generate":
         out.append(("Generation", f"Not measured: {g['skipped']}."))
     crashes = ([{**x, "benchmark": "prefill"} for x in b.get("crashes", [])]
@@ -70,6 +69,24 @@ def cpu_sections(r: dict, out_name: str) -> list[tuple[str, str]]:
         out.append(("Engine crashes", _crashes(crashes, r, out_name)))
     out.append(("How to deploy this", _deploy_guide(r, out_name)))
     return out
+
+
+def _generation_text(g: dict) -> str:
+    """The generation table, what its runtimes ran, its timing conditions and plot."""
+    runtimes = {x["runtime"] for x in g["rows"]}
+    notes = ["tokens/s = 1000 / ms per token (median step)."]
+    if runtimes & {"sparse-cpu", "sparse-cpu-dense"}:
+        notes.append("`sparse-cpu` runs `pruned-model/` itself on our int8 kernels (each matrix as a bitmask of "
+                     "its nonzeros where that reads fewer bytes) and `sparse-cpu-dense` the dense model with every "
+                     "matrix dense int8 (rounded per row): no graph, no engine; their speedups are sparse-cpu over "
+                     "sparse-cpu-dense. DeepSparse and ONNX Runtime rows run the KV-cache graphs `dense-kv/` and "
+                     "`sparse-kv/`.")
+    if g.get("kv_skipped"):
+        notes.append(f"KV-cache graphs not exported or timed: {g['kv_skipped']}.")
+    text = generation_table(g) + "\n\n" + " ".join(notes)
+    if g.get("trust"):
+        text += "\n\n" + trust_line(g["trust"])
+    return text + ("\n\n![decode speed](generate.png)" if g["rows"] else "")
 
 
 def _summary(r: dict) -> str:
@@ -221,13 +238,22 @@ def _deploy_guide(r: dict, out_name: str) -> str:
     if "dense-int8" in r["export"]:
         rows.append(("onnx-dense-int8/", "the original model with int8 matmuls (the INT8 baseline)",
                      f"`sparse-export benchmark {o}/onnx-dense-int8 --runtime deepsparse`"))
-    if "rows" in (r.get("generate") or {}):
+    gen_runtimes = {x["runtime"] for x in (r.get("generate") or {}).get("rows", [])}
+    if "sparse-cpu" in gen_runtimes:
+        rows.insert(1, ("pruned-model/ on sparse-cpu", "the pruned checkpoint on our own int8 runtime: bitmask-packed "
+                        "weights, no graph (our fastest decode; see Generation)",
+                        f"`sparse-export generate {o}/pruned-model \"The capital of France is\" --runtime sparse-cpu`; "
+                        f"speed: `sparse-export benchmark {o}/pruned-model --mode generate --runtime sparse-cpu`"))
+        rows.insert(2, ("the dense model on sparse-cpu-dense", "the original model on the same kernels, every matrix "
+                        "dense int8 (the baseline)",
+                        f"`sparse-export generate {r['model']} \"The capital of France is\" --runtime sparse-cpu-dense`"))
+    g = r.get("generate") or {}
+    if {x["runtime"] for x in g.get("rows", []) + g.get("crashes", [])} & {"deepsparse", "onnxruntime"}:
         rows += [("sparse-kv/", "KV-cache graph of the pruned model: text generation",
                   f"`sparse-export generate {o}/sparse-kv \"The capital of France is\" --runtime deepsparse`"),
                  ("dense-kv/", "the same for the original model (the baseline)",
                   f"`sparse-export benchmark {o}/sparse-kv --baseline {o}/dense-kv --mode generate`")]
-    rows.append(("report.md, report.json, latency.png" + (", generate.png" if "rows" in (r.get("generate") or {})
-                                                          else ""),
+    rows.append(("report.md, report.json, latency.png" + (", generate.png" if gen_runtimes else ""),
                  "this report; report.json has every number, paths relative to this folder", ""))
     lines = ["| folder | what it is | run it |", "|---|---|---|"]
     lines += [f"| `{a}` | {b} | {c} |" for a, b, c in rows]
