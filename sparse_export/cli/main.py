@@ -13,6 +13,7 @@ from . import bench_cmds  # noqa: F401
 from . import pipeline_cmds  # noqa: F401
 from . import generate_cmds  # noqa: F401
 from . import compressed_cmds  # noqa: F401
+from . import recover_cmds  # noqa: F401
 from .app import app
 
 
