@@ -105,9 +105,10 @@ def trainable(model) -> list[tuple[str, torch.nn.Parameter]]:
 
 def _checkpointing(model, on: bool) -> None:
     """Activation checkpointing on or off (transformers 5 renamed gradient_checkpointing_*)."""
-    name = "activation_checkpointing" if hasattr(model, "activation_checkpointing_enable") else "gradient_checkpointing"
+    new = hasattr(model, "activation_checkpointing_enable")
+    name = "activation_checkpointing" if new else "gradient_checkpointing"
     if on:
-        getattr(model, name + "_enable")(gradient_checkpointing_kwargs={"use_reentrant": False})
+        getattr(model, name + "_enable")(**{name + "_kwargs": {"use_reentrant": False}})
     else:
         getattr(model, name + "_disable")()
 

@@ -105,6 +105,23 @@ def recover(pruned, out, teacher_spec, source, steps: int | None = None, tokens:
     if resume and not (ckpt / "progress.json").is_file():
         raise UserError(f"--resume: no checkpoint in {ckpt}")
     rank, world = _init_dist(device)
+    try:
+        return _recover(rank, world, where, meta, out, ckpt, pruned, teacher_spec, source, steps, tokens, lr, batch,
+                        grad_accum, seqlen, kl_weight, hidden_weight, warmup, checkpoint_every, resume, use_grid,
+                        seed, threads, device, force, eval_data, eval_seqlen, max_segments, stop_after_steps,
+                        stop_after_cpu_s, log if rank == 0 else (lambda *a: None))
+    finally:
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+def _recover(rank, world, where, meta, out, ckpt, pruned, teacher_spec, source, steps, tokens, lr, batch,
+             grad_accum, seqlen, kl_weight, hidden_weight, warmup, checkpoint_every, resume, use_grid, seed,
+             threads, device, force, eval_data, eval_seqlen, max_segments, stop_after_steps, stop_after_cpu_s,
+             log) -> dict:
     dev = pick_device(device)
     if dev.type == "cuda" and world > 1:
         dev = torch.device("cuda", rank % torch.cuda.device_count())
