@@ -151,6 +151,7 @@ def test_schedule():
     assert lr_at(55, cfg) == pytest.approx(0.55)
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_equal_one(pruned_llama, tiny_dirs, tmp_path, text_file):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     common = ["recover", str(pruned_llama), "--teacher", str(tiny_dirs["llama"]), "--data", str(text_file),
