@@ -22,13 +22,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from sparse_export import data  # noqa: E402
-from sparse_export.evaluate import evaluate  # noqa: E402
-from sparse_export.outputs import cpu_name, read_meta, write_json  # noqa: E402
-from sparse_export.pruning import jobs  # noqa: E402
-from sparse_export.report import table  # noqa: E402
+from sparse_export import data
+from sparse_export.evaluate import evaluate
+from sparse_export.outputs import cpu_name, read_meta, write_json
+from sparse_export.pruning import jobs
+from sparse_export.report import table
 
 # the best one-shot prune of each setting (benchmarks/results/prune-quick-owl-alps.md) and its perplexity there
 SETTINGS = {

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from ..errors import UserError
 from ..progress import progress
 
-STATE_FILE = "state.safetensors"
+CHECKPOINT_FILE = "state.safetensors"
 PROGRESS_FILE = "progress.json"
 
 
@@ -131,9 +131,9 @@ def save_checkpoint(folder: Path, params, opt, step: int, record: dict) -> None:
         if st:
             tensors[f"exp_avg.{name}"] = st["exp_avg"].contiguous()
             tensors[f"exp_avg_sq.{name}"] = st["exp_avg_sq"].contiguous()
-    tmp = folder / (STATE_FILE + ".tmp")
+    tmp = folder / (CHECKPOINT_FILE + ".tmp")
     save_file({k: v.cpu() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, folder / STATE_FILE)
+    os.replace(tmp, folder / CHECKPOINT_FILE)
     tmp = folder / (PROGRESS_FILE + ".tmp")
     tmp.write_text(json.dumps({**record, "step": step}, indent=2))
     os.replace(tmp, folder / PROGRESS_FILE)
@@ -144,13 +144,13 @@ def load_checkpoint(folder: Path, params, opt, fingerprint: dict) -> dict:
     from safetensors.torch import load_file
 
     prog = folder / PROGRESS_FILE
-    if not prog.is_file() or not (folder / STATE_FILE).is_file():
+    if not prog.is_file() or not (folder / CHECKPOINT_FILE).is_file():
         raise UserError(f"--resume: no checkpoint in {folder}")
     record = json.loads(prog.read_text())
     if record.get("config") != fingerprint:
         changed = sorted(k for k in fingerprint if (record.get("config") or {}).get(k) != fingerprint[k])
         raise UserError(f"--resume: the checkpoint in {folder} was made with other settings ({', '.join(changed)})")
-    tensors = load_file(str(folder / STATE_FILE))
+    tensors = load_file(str(folder / CHECKPOINT_FILE))
     step = record["step"]
     with torch.no_grad():
         for name, p in params:
