@@ -29,8 +29,12 @@ if [ ! -d "$SRC" ]; then
   fi
   tar -xzf "$DIR/llama_cpp_python-$VERSION.tar.gz" -C "$DIR"
 fi
+# -mno-amx-*: this machine's CPU lists AMX (amx_tile/int8/bf16) but the VM faults on tile instructions
+# (llama-server died with SIGILL in ggml's AMX matmul on its warm-up batch): build without them.
+NOAMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 cmake -S "$SRC" -B "$SRC/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DGGML_NATIVE=ON \
-  -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF >&2
+  -DBUILD_SHARED_LIBS=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF \
+  "-DCMAKE_C_FLAGS=$NOAMX" "-DCMAKE_CXX_FLAGS=$NOAMX" >&2
 cmake --build "$SRC/build" -j"$(nproc)" --target "${TARGETS[@]}" >&2
 have_all || { echo "build_llamacpp.sh: the build finished without every binary in $BIN" >&2; exit 1; }
 echo "$BIN"

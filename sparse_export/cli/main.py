@@ -14,6 +14,7 @@ from . import pipeline_cmds  # noqa: F401
 from . import generate_cmds  # noqa: F401
 from . import compressed_cmds  # noqa: F401
 from . import serve_cmds  # noqa: F401
+from . import recover_cmds  # noqa: F401
 from .app import app
 
 

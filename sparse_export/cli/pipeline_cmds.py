@@ -85,6 +85,16 @@ def prune_and_export_cmd(
     skip_fp32: Annotated[Optional[bool], _target_opt("skip_fp32", "cpu, with --int8: leave out the fp32 ONNX "
                                                      "graphs (dense and sparse); export and benchmark INT8 only.",
                                                      "--skip-fp32", **CpuOnly)] = None,
+    recover: Annotated[Optional[str], _target_opt("recover", "cpu: after the prune, win accuracy back: distill "
+                                                  "(the pruned model learns from the dense one, zeros kept; "
+                                                  "`sparse-export recover`).", **CpuOnly)] = None,
+    recover_data: Annotated[Optional[str], _target_opt("recover_data", "--recover distill: training text "
+                                                       "(c4 | file.txt | file.jsonl | self; default: --calib).",
+                                                       **CpuOnly)] = None,
+    recover_steps: Annotated[Optional[int], _target_opt("recover_steps", "--recover distill: optimizer steps.",
+                                                        **CpuOnly)] = None,
+    recover_lr: Annotated[Optional[float], _target_opt("recover_lr", "--recover distill: peak learning rate.",
+                                                       **CpuOnly)] = None,
 ):
     """Prune MODEL (SparseGPT by default), export, verify, benchmark, and write report.md."""
     from ..targets import prune_and_export
@@ -101,5 +111,6 @@ def prune_and_export_cmd(
         runtimes=list(runtime) if runtime else None, bench_batch=bench_batch, bench_seqlen=bench_seqlen,
         warmup=warmup, iterations=iterations, logits=logits, threads=threads, force=force or None, int8=int8,
         fp32_attention=fp32_attention, int8_max_error=int8_max_error, generate=generate, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32)
+        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32, recover=recover,
+        recover_data=recover_data, recover_steps=recover_steps, recover_lr=recover_lr)
     prune_and_export(model, out, opts)

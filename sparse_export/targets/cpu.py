@@ -71,6 +71,7 @@ class _Run:
     dense_logprobs: object = None
     accuracy: dict = field(default_factory=dict)     # label -> distribution shift; "completions", "held_out"
     plan: CpuPlan = None                             # streamed or in memory; fp32 graphs or not
+    recovery: dict = None                            # --recover distill: recover()'s report
 
     def step_log(self, msg):  # steps write into the temporary folder: leave out their "wrote" lines
         if not str(msg).startswith("wrote "):
@@ -85,6 +86,8 @@ def run_cpu_target(model: str, out, opts: CpuOptions, log=print) -> dict:
     opts.validate()
     runtimes = check_inputs(model, opts)
     plan = plan_cpu_run(str(model), opts, runtimes)
+    if opts.recover and plan.streamed:
+        raise UserError(f"--recover {opts.recover} trains the whole model in memory; {model} takes the streamed path")
     if opts.threads:
         torch.set_num_threads(opts.threads)
     with atomic_dir(out, opts.force) as tmp:
@@ -193,6 +196,35 @@ def prune_step(run: _Run) -> None:
     """pruned-model/: the pruned checkpoint."""
     run.prune_meta = prune(run.model, run.tmp / "pruned-model", run.opts.recipe, force=True,
                            threads=run.opts.threads, log=run.step_log, stream=run.opts.stream)
+    if run.opts.recover == "distill":
+        _recover_distill(run)
+
+
+def _recover_distill(run: _Run) -> None:
+    """--recover distill: the one-shot model moves to oneshot-model/ and pruned-model/ becomes the model
+    distilled from the dense one with the mask fixed (so every later step deploys the recovered model); the
+    one-shot model is measured beside it (accuracy, perplexity)."""
+    from ..recovery.jobs import recover
+
+    o = run.opts
+    oneshot = run.tmp / "oneshot-model"
+    (run.tmp / "pruned-model").rename(oneshot)
+    source = o.recover_data or o.recipe.calib
+    run.log(f"recovering: distillation from {run.model} on {source}, {o.recover_steps} steps")
+    rep = recover(oneshot, run.tmp / "pruned-model", run.model, source, steps=o.recover_steps, lr=o.recover_lr,
+                  seed=o.recipe.seed, threads=o.threads, checkpoint_dir=run.tmp / "recover-ckpt",
+                  log=run.step_log)
+    run.recovery = {k: rep[k] for k in ("data", "steps", "tokens", "train_cpu_s", "train_wall_s", "peak_memory_gib")}
+    model, tok = models.load_model(oneshot)
+    model.float()
+    if run.held_out is not None:
+        _measure_accuracy(run, "one-shot", model, tok)
+    if o.eval_data is not None:
+        run.log(f"perplexity of the one-shot model on {o.eval_data}")
+        run.ppl["one-shot"] = evaluate(oneshot, o.eval_data, o.eval_seqlen, o.max_segments, model=model,
+                                       tokenizer=tok)
+    del model
+    gc.collect()
 
 
 def deploy(run: _Run) -> None:
@@ -459,6 +491,7 @@ def _report_dict(run: _Run, result: dict) -> dict:
         "verify": {"inputs": run.inputs_note, "agreement": result.pop("agreement"), "perplexity": run.ppl},
         "plan": run.plan.to_dict() if run.plan is not None else None,
         "accuracy": run.accuracy,
+        **({"recovery": run.recovery} if run.recovery else {}),
         "benchmark": result,
         "paper_opt_2_7b_deepsparse": {str(k): v for k, v in PAPER_OPT_2_7B.items()},
         "versions": library_versions(),

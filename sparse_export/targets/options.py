@@ -19,6 +19,9 @@ _REFUSAL_HINTS = {
 }
 
 
+RECOVER_METHODS = ("distill",)
+
+
 @dataclass
 class CpuOptions:
     """prune -> dense/sparse ONNX (+ int8, + KV-cache graphs) -> verify -> benchmark -> report."""
@@ -44,6 +47,10 @@ class CpuOptions:
     stream: bool | None = None            # prune and export layer by layer (None: each step's own rule decides)
     memory_budget: float | None = None    # GiB the in-memory export may use (None: onnx_stream.EXPORT_BUDGET)
     skip_fp32: bool = False               # with int8: export and benchmark only the int8 graph
+    recover: str | None = None            # after the prune: "distill" (recovery/jobs.py), None = off
+    recover_data: str | None = None       # distill: training text (default: the calibration source)
+    recover_steps: int = 200              # distill: optimizer steps
+    recover_lr: float = 1e-4              # distill: peak learning rate
 
     def validate(self) -> "CpuOptions":
         if self.fp32_attention and not self.int8:
@@ -56,6 +63,14 @@ class CpuOptions:
                                 f"got {self.int8_max_error}")
         if self.skip_fp32 and not self.int8:
             raise UserError("--skip-fp32 leaves only the INT8 graph: it needs --int8")
+        if self.recover not in (None, *RECOVER_METHODS):
+            raise UserError(f"unknown --recover '{self.recover}' (choose from {', '.join(RECOVER_METHODS)})")
+        if self.recover is None and self.recover_data is not None:
+            raise UserError("--recover-data applies to --recover distill only")
+        if self.recover and self.eval_data is not None and (self.recover_data or self.recipe.calib) == self.eval_data:
+            raise UserError("--recover would train on the --eval-data text; pass another --recover-data")
+        if self.recover_steps < 1 or not self.recover_lr > 0:
+            raise UserError("--recover-steps must be >= 1 and --recover-lr > 0")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise UserError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
         if self.int8:
