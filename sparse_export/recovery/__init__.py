@@ -1,0 +1,1 @@
+"""Recovery after pruning: training the kept weights with every pruned weight held at exactly zero."""
