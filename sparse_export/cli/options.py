@@ -56,7 +56,7 @@ Recover = Annotated[Optional[str], _opt("none | blockwise: after each layer is p
                                         "reproduce the dense layer's outputs, every zero kept (default: none)")]
 RecoverEpochs = Annotated[Optional[int], _opt("--recover blockwise: passes over the calibration samples per layer "
                                               "(default: 2)")]
-RecoverLr = Annotated[Optional[float], _opt("--recover blockwise: Adam learning rate (default: 1e-4)")]
+RecoverLr = Annotated[Optional[float], _opt("--recover blockwise: Adam learning rate (default: 3e-4)")]
 RecoverBatch = Annotated[Optional[int], _opt("--recover blockwise: calibration samples per step (default: 2)")]
 RecoverTarget = Annotated[Optional[str], _opt("--recover blockwise: dense-chain (the dense model's own hidden "
                                               "states) | local (the dense layer on the pruned inputs) "

