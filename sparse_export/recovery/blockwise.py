@@ -29,7 +29,7 @@ from ..errors import UserError
 from ..layerwise import layer_out, run_layer, to_device
 from .masks import apply_masks, capture_masks, mask_gradients
 
-TARGETS = ("dense-chain", "local")
+RECOVER_TARGETS = ("dense-chain", "local")
 METHODS = ("blockwise",)
 
 
@@ -50,8 +50,8 @@ class BlockwiseOptions:
             raise UserError(f"--recover-lr must be a positive number, got {self.lr}")
         if self.batch < 1:
             raise UserError(f"--recover-batch must be >= 1, got {self.batch}")
-        if self.target not in TARGETS:
-            raise UserError(f"unknown --recover-target '{self.target}' (choose from {', '.join(TARGETS)})")
+        if self.target not in RECOVER_TARGETS:
+            raise UserError(f"unknown --recover-target '{self.target}' (choose from {', '.join(RECOVER_TARGETS)})")
         return self
 
     def to_dict(self) -> dict:
@@ -67,7 +67,7 @@ def check_recipe(recipe) -> None:
                         "run it without them")
 
 
-def slice_kwargs(kw, s: int, e: int, n: int):
+def slice_kwargs(kw, s: int, e: int, n: int) -> object:
     """The keyword arguments of a chunk of n samples cut to samples s:e: tensors of 2+ dimensions whose
     first dimension is n (or a multiple of n, batch-major: BLOOM's alibi is [n * heads, ...]) are cut;
     the rest (broadcast tensors, cache positions) pass as they are."""
