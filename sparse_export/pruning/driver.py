@@ -336,7 +336,7 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
         out, timing = prune_layer(layer, mods, hidden, kwargs, layer_recipe(recipe, plan, i), stats, one_pass,
                                   device)
         if after_layer is not None:
-            out, timing["recovery"] = after_layer.after(i, layer, mods, hidden, kwargs, device, out)
+            out, timing["recovery"] = after_layer.after(i, layer, mods, hidden, kwargs, device, out, stats=stats)
         hidden = out
         if device.type != "cpu":
             layer.to("cpu")

@@ -186,7 +186,8 @@ def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recip
         result, timing = prune_layer(layers[i], mods, src, kwargs,
                                      layer_recipe(recipe, state.get("allocation"), i), stats, one_pass, dev, out=dst)
         if after_layer is not None:
-            result, timing["recovery"] = after_layer.after(i, layers[i], mods, src, kwargs, dev, result, out=dst)
+            result, timing["recovery"] = after_layer.after(i, layers[i], mods, src, kwargs, dev, result, out=dst,
+                                                           stats=stats)
         w1 = time.perf_counter()
         write_shard(built / shard_name(i + 2, n_shards), _layer_tensors(model, reader, layout, i))
         release(model, layout.layers[i])

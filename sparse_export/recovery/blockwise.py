@@ -16,9 +16,11 @@ Inputs are the hidden states from the layers before, already pruned and recovere
 Trained: the weights and biases of the layer's pruned Linear modules; norms and everything else stay
 fixed. Adam, fp32, MSE normalised by the target's mean square, mini-batches of --recover-batch
 samples in a seeded order. The masks (masks.py) keep every pruned weight exactly zero. A layer whose
-error does not fall keeps its pruned weights.
+error does not fall keeps its pruned weights. A --wbits prune trains through its recorded grid (fixed
+scales, straight-through rounding, masks.on_grid): the weights written are on the grid.
 """
 
+import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ import torch
 
 from ..errors import UserError
 from ..layerwise import layer_out, run_layer, to_device
-from .masks import apply_masks, capture_masks, mask_gradients
+from .masks import apply_masks, capture_masks, mask_gradients, on_grid, trained_weight
 
 RECOVER_TARGETS = ("dense-chain", "local")
 METHODS = ("blockwise",)
@@ -62,9 +64,6 @@ def check_recipe(recipe) -> None:
     """What a prune recipe must allow for block-wise recovery (one-line UserErrors)."""
     if not recipe.pruner.needs_calibration:
         raise UserError(f"--recover blockwise trains on calibration text; --method {recipe.method} runs none")
-    if recipe.wbits:
-        raise UserError("--recover blockwise would move the weights of a --wbits/--int8 prune off their grid; "
-                        "run it without them")
 
 
 def slice_kwargs(kw, s: int, e: int, n: int) -> object:
@@ -101,13 +100,14 @@ class BlockwiseRecovery:
     begin() gives it two stores of the driver's shape (the dense chain's inputs and outputs; lists when
     None); checkpoint()/restore() save and reload the dense chain with a streamed prune's resume state."""
 
-    def __init__(self, options: BlockwiseOptions):
+    def __init__(self, options: BlockwiseOptions, bits: int | None = None):
         self.options = options.validate()
+        self.bits = bits             # --wbits: train through the recorded grid (masks.on_grid)
         self.src = self.dst = None
         self.targets = None
 
     def record(self) -> dict:
-        return self.options.to_dict()
+        return {**self.options.to_dict(), **({"on_grid_bits": self.bits} if self.bits else {})}
 
     def meta(self, recipe, calib, layer_log: list) -> dict:
         """The `recovery` key of sparse_export.json: the recipe, the data (the calibration windows) and
@@ -155,16 +155,18 @@ class BlockwiseRecovery:
         for j, kw in enumerate(kwargs):
             self.dst[j] = layer_out(layer(to_device(inputs[j], device), **to_device(kw, device))).to("cpu")
 
-    def after(self, i: int, layer, mods: dict, hidden, kwargs: list, device, pruned_out, out=None
-              ) -> tuple[object, dict]:
+    def after(self, i: int, layer, mods: dict, hidden, kwargs: list, device, pruned_out, out=None,
+              stats: dict | None = None) -> tuple[object, dict]:
         """Train layer i (pruned) towards its targets; returns (its outputs: `out` when given, else a list,
-        and the record {before, after, kept, steps, seconds})."""
+        and the record {before, after, kept, steps, seconds}). stats: the prune's per-matrix stats (the
+        grid scales of a --wbits prune)."""
         t0 = time.perf_counter()
         targets = self.dst
         before = _rel_error(pruned_out, targets, len(kwargs))
         snapshot = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
                     for n, m in mods.items()}
-        steps = self._train(i, layer, mods, hidden, kwargs, targets, device)
+        scales = {n: stats[n]["scale"] for n in mods} if self.bits else None
+        steps = self._train(i, layer, mods, hidden, kwargs, targets, device, scales)
         outputs = _run(layer, hidden, kwargs, device, out)
         after = _rel_error(outputs, targets, len(kwargs))
         kept = "recovered"
@@ -181,17 +183,25 @@ class BlockwiseRecovery:
         return outputs, {"before": before, "after": after, "kept": kept, "steps": steps,
                          "seconds": time.perf_counter() - t0}
 
-    def _train(self, i, layer, mods, hidden, kwargs, targets, device) -> int:
-        o = self.options
+    def _train(self, i, layer, mods, hidden, kwargs, targets, device, scales=None) -> int:
         layer.to(device)
         dtype = next(layer.parameters()).dtype
         layer.float()
-        params = [p for m in mods.values() for p in (m.weight, m.bias) if p is not None]
+        masks = capture_masks(mods)
+        grid = on_grid(mods, masks, scales, self.bits) if scales else contextlib.nullcontext()
+        try:
+            with grid:
+                return self._steps(i, layer, mods, masks, hidden, kwargs, targets, device)
+        finally:
+            layer.to(dtype)
+
+    def _steps(self, i, layer, mods, masks, hidden, kwargs, targets, device) -> int:
+        o = self.options
+        params = [p for m in mods.values() for p in (trained_weight(m), m.bias) if p is not None]
         ids = {id(p) for p in params}
         frozen = [(p, p.requires_grad) for p in layer.parameters()]
         for p, _ in frozen:
             p.requires_grad_(id(p) in ids)
-        masks = capture_masks(mods)
         opt = torch.optim.Adam(params, lr=o.lr)
         steps = [(j, s, min(s + o.batch, _count(hidden[j]))) for j in range(len(kwargs))
                  for s in range(0, _count(hidden[j]), o.batch)]
@@ -220,7 +230,6 @@ class BlockwiseRecovery:
                 p.requires_grad_(flag)
             for p in params:
                 p.grad = None
-            layer.to(dtype)
         return done
 
 
@@ -255,4 +264,4 @@ def make_hook(recover: str | None, recipe, epochs: int | None = None, lr: float 
     if recover not in METHODS:
         raise UserError(f"unknown --recover '{recover}' (choose from none, {', '.join(METHODS)})")
     check_recipe(recipe)
-    return BlockwiseRecovery(BlockwiseOptions(seed=recipe.seed, **given))
+    return BlockwiseRecovery(BlockwiseOptions(seed=recipe.seed, **given), bits=recipe.wbits)
