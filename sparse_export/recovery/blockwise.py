@@ -203,38 +203,36 @@ class BlockwiseRecovery:
         for p, _ in frozen:
             p.requires_grad_(id(p) in ids)
         opt = torch.optim.Adam(params, lr=o.lr)
-        steps = [(j, s, min(s + o.batch, _count(hidden[j]))) for j in range(len(kwargs))
-                 for s in range(0, _count(hidden[j]), o.batch)]
         gen = torch.Generator().manual_seed(o.seed * 100003 + i)
         done = 0
         try:
             with torch.enable_grad():
                 for _ in range(o.epochs):
-                    for k in torch.randperm(len(steps), generator=gen).tolist():
-                        j, s, e = steps[k]
-                        x, t = hidden[j], targets[j]
-                        n = x.shape[0]
-                        x = x[s:e].to(device, torch.float32)
-                        t = t[s:e].to(device, torch.float32)
-                        kw = to_device(slice_kwargs(kwargs[j], s, e, n), device)
-                        y = layer_out(layer(x, **kw))
-                        loss = ((y - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30)
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        mask_gradients(mods, masks)
-                        opt.step()
-                        apply_masks(mods, masks)
-                        done += 1
+                    # chunks in a random order, each read once per epoch; its mini-batches in a random order
+                    for j in torch.randperm(len(kwargs), generator=gen).tolist():
+                        x_all = hidden[j].to(device, torch.float32)
+                        t_all = targets[j].to(device, torch.float32)
+                        n = x_all.shape[0]
+                        spans = [(s, min(s + o.batch, n)) for s in range(0, n, o.batch)]
+                        for k in torch.randperm(len(spans), generator=gen).tolist():
+                            s, e = spans[k]
+                            x, t = x_all[s:e], t_all[s:e]
+                            kw = to_device(slice_kwargs(kwargs[j], s, e, n), device)
+                            y = layer_out(layer(x, **kw))
+                            loss = ((y - t) ** 2).mean() / (t ** 2).mean().clamp_min(1e-30)
+                            opt.zero_grad(set_to_none=True)
+                            loss.backward()
+                            mask_gradients(mods, masks)
+                            opt.step()
+                            apply_masks(mods, masks)
+                            done += 1
+                        del x_all, t_all
         finally:
             for p, flag in frozen:
                 p.requires_grad_(flag)
             for p in params:
                 p.grad = None
         return done
-
-
-def _count(chunk) -> int:
-    return chunk.shape[0]
 
 
 @torch.no_grad()
