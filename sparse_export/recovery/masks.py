@@ -17,6 +17,7 @@ weights written are the rounded ones.
 """
 
 import contextlib
+from collections.abc import Iterator
 
 import torch
 from torch.nn.utils import parametrize
@@ -68,7 +69,7 @@ class _OnGrid(torch.nn.Module):
 
 
 @contextlib.contextmanager
-def on_grid(mods: dict, masks: dict, scales: dict, bits: int):
+def on_grid(mods: dict, masks: dict, scales: dict, bits: int) -> Iterator[None]:
     """Inside: each module's weight is rounded onto its grid in the forward (scales: {name: per-row scale of
     the out x in weight}); trained_weight() is the latent copy. On leaving, the rounded weights stay."""
     done = []
