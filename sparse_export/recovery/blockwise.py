@@ -96,17 +96,18 @@ def _rel_error(outputs, targets, count: int) -> float:
 class BlockwiseRecovery:
     """The driver's after_layer hook for block-wise reconstruction (see the module docstring).
 
-    Hidden states are indexed by chunk like the driver's (a list, or an layerwise.Activations store).
+    Hidden states are indexed by chunk like the driver's (a list, or a layerwise.Activations store).
     begin() gives it two stores of the driver's shape (the dense chain's inputs and outputs; lists when
-    None); checkpoint()/restore() save and reload the dense chain with a streamed prune's resume state."""
+    None); checkpoint() saves the dense chain with a streamed prune's resume state, begin(saved=...) reads
+    it back. With the local target only the second store is used (the targets)."""
 
     def __init__(self, options: BlockwiseOptions, bits: int | None = None):
         self.options = options.validate()
         self.bits = bits             # --wbits: train through the recorded grid (masks.on_grid)
         self.src = self.dst = None
-        self.targets = None
 
     def record(self) -> dict:
+        """The options that decide the result (also part of a streamed run's fingerprint)."""
         return {**self.options.to_dict(), **({"on_grid_bits": self.bits} if self.bits else {})}
 
     def meta(self, recipe, calib, layer_log: list) -> dict:
