@@ -185,8 +185,8 @@ class LayerBar:
         self.device = device
         self.bar = progress_bar(total, desc, unit="layer", enabled=progress, initial=initial)
 
-    def step(self) -> None:
-        text = f"peak {peak_rss_gib():.2f} GiB"
+    def step(self, note: str = "") -> None:
+        text = (note + ", " if note else "") + f"peak {peak_rss_gib():.2f} GiB"
         if self.device.type == "cuda":
             text += f", GPU {torch.cuda.max_memory_allocated(self.device) / 2**30:.2f} GiB"
         self.bar.set_postfix_str(text, refresh=False)

@@ -54,6 +54,19 @@ AlpsCgIters = Annotated[Optional[int], _opt("ALPS: conjugate-gradient refit iter
 Smooth = Annotated[Optional[float], _opt("SmoothQuant alpha in (0, 1]: move activation outliers into the weights "
                                          "before pruning, for an accurate --int8 graph (default: off)")]
 
+# ---- block-wise recovery (recovery/blockwise.py): `prune`
+Recover = Annotated[Optional[str], _opt("none | blockwise: after each layer is pruned, train its kept weights to "
+                                        "reproduce the dense layer's outputs, every zero kept (default: none); "
+                                        "prune-and-export also takes distill: after the prune the whole pruned "
+                                        "model learns from the dense one (`sparse-export recover`)")]
+RecoverEpochs = Annotated[Optional[int], _opt("--recover blockwise: passes over the calibration samples per layer "
+                                              "(default: 2)")]
+RecoverLr = Annotated[Optional[float], _opt("--recover: learning rate (default: blockwise 3e-4, distill 1e-4)")]
+RecoverBatch = Annotated[Optional[int], _opt("--recover blockwise: calibration samples per step (default: 2)")]
+RecoverTarget = Annotated[Optional[str], _opt("--recover blockwise: dense-chain (the dense model's own hidden "
+                                              "states) | local (the dense layer on the pruned inputs) "
+                                              "(default: dense-chain)")]
+
 # ---- common to several commands
 Threads = Annotated[Optional[int], _opt("Threads (default: all cores).")]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite --out if it exists.")]

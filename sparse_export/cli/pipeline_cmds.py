@@ -47,6 +47,11 @@ def prune_and_export_cmd(
     alps_rho_growth: o.AlpsRhoGrowth = None,
     alps_cg_iters: o.AlpsCgIters = None,
     smooth: o.Smooth = None,
+    recover: o.Recover = None,
+    recover_epochs: o.RecoverEpochs = None,
+    recover_lr: o.RecoverLr = None,
+    recover_batch: o.RecoverBatch = None,
+    recover_target: o.RecoverTarget = None,
     eval_data: Annotated[Optional[str], _target_opt("eval_data", "Text for perplexity before and after "
                                                                  "(and the checks).")] = None,
     eval_seqlen: Annotated[Optional[int], _target_opt("eval_seqlen", "Tokens per perplexity window.")] = None,
@@ -85,16 +90,11 @@ def prune_and_export_cmd(
     skip_fp32: Annotated[Optional[bool], _target_opt("skip_fp32", "cpu, with --int8: leave out the fp32 ONNX "
                                                      "graphs (dense and sparse); export and benchmark INT8 only.",
                                                      "--skip-fp32", **CpuOnly)] = None,
-    recover: Annotated[Optional[str], _target_opt("recover", "cpu: after the prune, win accuracy back: distill "
-                                                  "(the pruned model learns from the dense one, zeros kept; "
-                                                  "`sparse-export recover`).", **CpuOnly)] = None,
     recover_data: Annotated[Optional[str], _target_opt("recover_data", "--recover distill: training text "
                                                        "(c4 | file.txt | file.jsonl | self; default: --calib).",
                                                        **CpuOnly)] = None,
     recover_steps: Annotated[Optional[int], _target_opt("recover_steps", "--recover distill: optimizer steps.",
                                                         **CpuOnly)] = None,
-    recover_lr: Annotated[Optional[float], _target_opt("recover_lr", "--recover distill: peak learning rate.",
-                                                       **CpuOnly)] = None,
 ):
     """Prune MODEL (SparseGPT by default), export, verify, benchmark, and write report.md."""
     from ..targets import prune_and_export
@@ -111,6 +111,7 @@ def prune_and_export_cmd(
         runtimes=list(runtime) if runtime else None, bench_batch=bench_batch, bench_seqlen=bench_seqlen,
         warmup=warmup, iterations=iterations, logits=logits, threads=threads, force=force or None, int8=int8,
         fp32_attention=fp32_attention, int8_max_error=int8_max_error, generate=generate, prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32, recover=recover,
-        recover_data=recover_data, recover_steps=recover_steps, recover_lr=recover_lr)
+        new_tokens=new_tokens, stream=stream, memory_budget=memory_budget, skip_fp32=skip_fp32,
+        recover=recover, recover_epochs=recover_epochs, recover_lr=recover_lr, recover_batch=recover_batch,
+        recover_target=recover_target, recover_data=recover_data, recover_steps=recover_steps)
     prune_and_export(model, out, opts)

@@ -34,6 +34,11 @@ def prune_cmd(
     alps_rho_growth: o.AlpsRhoGrowth = None,
     alps_cg_iters: o.AlpsCgIters = None,
     smooth: o.Smooth = None,
+    recover: o.Recover = None,
+    recover_epochs: o.RecoverEpochs = None,
+    recover_lr: o.RecoverLr = None,
+    recover_batch: o.RecoverBatch = None,
+    recover_target: o.RecoverTarget = None,
     threads: o.Threads = None,
     device: o.Device = "cpu",
     stream: o.Stream = None,
@@ -45,6 +50,7 @@ def prune_cmd(
     """Prune MODEL one-shot and save it as a Hugging Face folder."""
     from ..pruning.jobs import prune
     from ..pruning.recipe import Recipe
+    from ..recovery.blockwise import make_hook
 
     recipe = Recipe(**o.recipe_given(method=method, sparsity=sparsity, pattern=pattern, calib=calib,
                                      nsamples=nsamples, seqlen=seqlen, seed=seed, blocksize=blocksize,
@@ -52,8 +58,10 @@ def prune_cmd(
                                      allocation=allocation, owl_threshold=owl_threshold, owl_lambda=owl_lambda,
                                      alps_iters=alps_iters, alps_rho=alps_rho, alps_rho_growth=alps_rho_growth,
                                      alps_cg_iters=alps_cg_iters, smooth=smooth))
+    hook = make_hook(recover, recipe.validate(), epochs=recover_epochs, lr=recover_lr, batch=recover_batch,
+                     target=recover_target)
     prune(model, out, recipe, force=force, threads=threads, device=device, stream=stream, resume=resume,
-          offload=offload, activation_budget=o.budget_bytes(activation_budget))
+          offload=offload, activation_budget=o.budget_bytes(activation_budget), after_layer=hook)
 
 
 @app.command("eval")

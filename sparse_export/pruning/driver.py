@@ -299,7 +299,8 @@ def owl_allocation(model, hidden, kwargs: list, targets, recipe: Recipe, device:
 @torch.no_grad()
 def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool = True,
                 one_pass: bool | None = None, device: str | torch.device = "cpu",
-                layer_log: list | None = None, allocation: dict | None = None) -> tuple[dict, str]:
+                layer_log: list | None = None, allocation: dict | None = None,
+                after_layer=None) -> tuple[dict, str]:
     """Prune `model` (in memory, on the host) in place. Returns (per-matrix stats {name: {...}}, calibration mode).
 
     one_pass: run each layer once over all calibration tokens, pruning every module from the
@@ -308,6 +309,8 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
     device: where each layer runs during its turn (then it goes back to the host).
     layer_log: a list that receives each layer's timing.
     allocation: a dict that receives the per-layer sparsities (--allocation owl: owl.owl_record).
+    after_layer: a hook run around each layer's prune (recovery/blockwise.py BlockwiseRecovery): its
+    before() sees the dense layer, its after() may change the pruned layer and returns its outputs.
     """
     recipe.validate()
     device = device if isinstance(device, torch.device) else pick_device(device)
@@ -327,17 +330,31 @@ def prune_model(model, calib_ids, recipe: Recipe, batch: int = 8, progress: bool
         if allocation is not None:
             allocation.update(plan)
 
+    if after_layer is not None:
+        after_layer.begin(hidden)
     bar = LayerBar(len(layers), f"pruning ({recipe.method})", device, progress)
     for i, layer in enumerate(layers):
-        hidden, timing = prune_layer(layer, layer_modules(model, i, targets), hidden, kwargs,
-                                     layer_recipe(recipe, plan, i), stats, one_pass, device)
+        mods = layer_modules(model, i, targets)
+        if after_layer is not None:
+            after_layer.before(i, layer, hidden, kwargs, device)
+        out, timing = prune_layer(layer, mods, hidden, kwargs, layer_recipe(recipe, plan, i), stats, one_pass,
+                                  device)
+        if after_layer is not None:
+            out, timing["recovery"] = after_layer.after(i, layer, mods, hidden, kwargs, device, out, stats=stats)
+        hidden = out
         if device.type != "cpu":
             layer.to("cpu")
         if layer_log is not None:
             layer_log.append({"layer": i, **timing})
-        bar.step()
+        bar.step(hook_note(timing))
     bar.close()
     return stats, mode
+
+
+def hook_note(timing: dict) -> str:
+    """The progress bar's note on a layer's recovery: its reconstruction error before -> after."""
+    rec = timing.get("recovery")
+    return f"error {rec['before']:.3g} -> {rec['after']:.3g}" if rec else ""
 
 
 def _measured(stats: dict, names=None) -> tuple[float, int]:

@@ -25,9 +25,11 @@ def plain_copy(model_spec, folder) -> Path:
 
 def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | None = None, log=print,
           device: str = "cpu", stream: bool | None = None, resume: bool = False, offload=None,
-          activation_budget: int | None = ACTIVATION_BUDGET) -> dict:
+          activation_budget: int | None = ACTIVATION_BUDGET, after_layer=None) -> dict:
     """Prune MODEL into the save_pretrained folder `out`. Returns the metadata written.
 
+    after_layer: a hook run around each layer's prune (--recover blockwise: recovery/blockwise.py); its
+    meta() goes into the metadata as `recovery`.
     stream: read and write one decoder layer at a time (pruning/stream.py); None: when streamable() says
     so. resume, offload, activation_budget: streamed only (see stream_prune)."""
     recipe.validate()
@@ -47,7 +49,8 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
             raise UserError(f"--stream needs a local safetensors model folder; {model_spec} loads in memory "
                             "(use --no-stream)")
         return stream_prune(where, out, recipe, force=force, resume=resume, device=dev, offload=offload,
-                            activation_budget=activation_budget, log=log, source=model_spec)
+                            activation_budget=activation_budget, log=log, source=model_spec,
+                            after_layer=after_layer)
     if resume:
         raise UserError("--resume continues a streamed prune (--stream, or a local safetensors folder over 2 GiB); "
                         "this one runs in memory")
@@ -65,10 +68,13 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
             f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params) in {t_load.wall:.1f}s")
         with Timer() as t_prune:
             layer_log, allocation = [], {}
-            stats, mode = prune_model(model, calib, recipe, device=dev, layer_log=layer_log, allocation=allocation)
+            stats, mode = prune_model(model, calib, recipe, device=dev, layer_log=layer_log, allocation=allocation,
+                                      after_layer=after_layer)
+        recovery = {"recovery": after_layer.meta(recipe, calib, layer_log)} if after_layer is not None else {}
         meta = pruned_meta(model, recipe, stats, mode, dev, layer_log,
                            {"load_s": t_load.wall, "calibration_data_s": t_calib.wall, "prune_wall_s": t_prune.wall,
-                            "prune_cpu_s": t_prune.cpu}, model_spec, allocation=allocation, streamed=False)
+                            "prune_cpu_s": t_prune.cpu}, model_spec, allocation=allocation, streamed=False,
+                           **recovery)
         models.save_model_folder(model, tokenizer, tmp, meta)
     log(f"pruned {len(stats)} matrices to {meta['pruned_sparsity']:.1%} sparsity in "
         f"{t_prune.wall:.1f}s wall / {t_prune.cpu:.1f}s CPU; peak memory {meta['peak_memory_gib']:.2f} GiB")

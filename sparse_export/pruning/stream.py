@@ -26,8 +26,8 @@ from ..checkpoints import (Layout, ShardReader, load_tensors, release, shard_nam
 from ..errors import UserError
 from ..layerwise import ACTIVATION_BUDGET, LayerBar, activation_stores, capture_first_layer_inputs, pick_device
 from ..outputs import META_FILE, Timer, peak_rss_gib, publish, write_json
+from .driver import calibration_mode, hook_note, layer_modules, layer_recipe, prune_layer, pruned_meta
 from .grid import check_group_widths
-from .driver import calibration_mode, layer_modules, layer_recipe, prune_layer, pruned_meta
 from .owl import layer_outlier_ratio, owl_record
 from .recipe import Recipe
 
@@ -40,12 +40,14 @@ def work_dir(out) -> Path:
     return out.parent / f".{out.name}.work"
 
 
-def _fingerprint(folder: Path, reader: ShardReader, recipe: Recipe, calib, device, batch: int) -> dict:
+def _fingerprint(folder: Path, reader: ShardReader, recipe: Recipe, calib, device, batch: int,
+                 after_layer=None) -> dict:
     """What decides the output: a work folder is resumed only by a run with the same fingerprint."""
     files = [[f, (folder / f).stat().st_size, int((folder / f).stat().st_mtime)] for f in reader.files]
     ids = hashlib.sha256(calib.numpy().tobytes()).hexdigest() if calib is not None else None
     return {"source": str(folder.resolve()), "shards": files, "recipe": recipe.to_dict(),
-            "calibration_sha256": ids, "device": device.type, "batch": batch}
+            "calibration_sha256": ids, "device": device.type, "batch": batch,
+            **({"recovery": after_layer.record()} if after_layer is not None else {})}
 
 
 def _read_state(work: Path) -> dict | None:
@@ -147,9 +149,11 @@ def _owl_pass(model, reader: ShardReader, layout: Layout, calib, recipe: Recipe,
 
 
 def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recipe, state: dict, work: Path,
-                spill: Path, dev, one_pass: bool, chunk: int, targets, budget, progress: bool):
+                spill: Path, dev, one_pass: bool, chunk: int, targets, budget, progress: bool, after_layer=None):
     """Prune layers state["done"].. in turn, each read, pruned, written as its shard and released; state.json
-    records every finished layer. Returns the activation stores (None without calibration)."""
+    records every finished layer. Returns the activation stores (None without calibration).
+    after_layer: the driver's hook (prune_model); its dense chain gets two stores of its own (in RAM when
+    all four fit the budget, else files in spill/dense) and is saved with the resume state."""
     layers = models.decoder_layers(model)
     n_layers = len(layers)
     n_shards = n_layers + 1 + (1 if layout.head else 0)
@@ -167,14 +171,24 @@ def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recip
         kwargs = _first_inputs(model, reader, layout, calib, chunk, sink)
         if state["acts"] and src.path is None:
             src.load(state["acts"])                # the hidden states after the last finished layer
+        if after_layer is not None:
+            half = None if budget is None else budget // 2
+            after_layer.begin(src, activation_stores(shape, model.dtype, chunk, half, spill / "dense"),
+                              saved=state.get("recovery") if state["acts"] else None)
 
     bar = LayerBar(n_layers, f"pruning ({recipe.method}, streamed)", dev, progress, initial=start)
     for i in range(start, n_layers):
         w0, c0 = time.perf_counter(), time.process_time()
         load_tensors(model, reader, layout.layers[i], dev)
         load_s = time.perf_counter() - w0
-        result, timing = prune_layer(layers[i], layer_modules(model, i, targets), src, kwargs,
+        mods = layer_modules(model, i, targets)
+        if after_layer is not None:
+            after_layer.before(i, layers[i], src, kwargs, dev)
+        result, timing = prune_layer(layers[i], mods, src, kwargs,
                                      layer_recipe(recipe, state.get("allocation"), i), stats, one_pass, dev, out=dst)
+        if after_layer is not None:
+            result, timing["recovery"] = after_layer.after(i, layers[i], mods, src, kwargs, dev, result, out=dst,
+                                                           stats=stats)
         w1 = time.perf_counter()
         write_shard(built / shard_name(i + 2, n_shards), _layer_tensors(model, reader, layout, i))
         release(model, layout.layers[i])
@@ -186,13 +200,15 @@ def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recip
                 state["acts"] = str(saved)
             else:
                 state["acts"] = str(src.path)
+            if after_layer is not None:
+                state["recovery"] = after_layer.checkpoint(work, i)
         w2 = time.perf_counter()
         layer_log.append({"layer": i, **timing, "load_s": load_s, "write_s": w2 - w1,
                           "step_wall_s": w2 - w0, "step_cpu_s": time.process_time() - c0,
                           "peak_gib": peak_rss_gib()})
         state["done"] = i + 1
         _write_state(work, state)
-        bar.step()
+        bar.step(hook_note(timing))
     bar.close()
     return src, dst
 
@@ -200,8 +216,12 @@ def _run_layers(model, reader: ShardReader, layout: Layout, calib, recipe: Recip
 @torch.no_grad()
 def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool = False, device="cpu",
                  offload=None, activation_budget: int | None = ACTIVATION_BUDGET, batch: int = 8,
-                 one_pass: bool | None = None, progress: bool = True, log=print, source=None) -> dict:
-    """Prune the safetensors model folder `folder` into `out`, one layer at a time. Returns the metadata."""
+                 one_pass: bool | None = None, progress: bool = True, log=print, source=None,
+                 after_layer=None) -> dict:
+    """Prune the safetensors model folder `folder` into `out`, one layer at a time. Returns the metadata.
+
+    after_layer: a hook run around each layer's prune (see prune_model); with it the metadata gets its
+    `recovery` record from after_layer.meta()."""
     recipe.validate()
     folder, out = Path(folder), Path(out)
     dev = device if isinstance(device, torch.device) else pick_device(device)
@@ -230,7 +250,7 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
     if offload:
         _check_writable(Path(offload))
     _check_writable(out.parent)
-    fingerprint = _fingerprint(folder, reader, recipe, calib, dev, chunk)
+    fingerprint = _fingerprint(folder, reader, recipe, calib, dev, chunk, after_layer)
 
     state = _read_state(work) if work.exists() else None
     if resume and state is not None and state.get("fingerprint") != fingerprint:
@@ -275,7 +295,7 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
     try:
         with Timer() as t_prune:
             src, dst = _run_layers(model, reader, layout, calib, recipe, state, work, spill, dev, one_pass,
-                                   chunk, targets, activation_budget, progress)
+                                   chunk, targets, activation_budget, progress, after_layer)
     except BaseException:
         log(f"stopped: the work so far is kept in {work}; run again with --resume to continue")
         raise
@@ -287,7 +307,8 @@ def stream_prune(folder, out, recipe: Recipe, force: bool = False, resume: bool 
                        source or folder, allocation=state.get("allocation"),
                        streamed=True,
                        activations="ram" if src is None or src.path is None else "file",
-                       resumed_at_layer=start or None)
+                       resumed_at_layer=start or None,
+                       **({"recovery": after_layer.meta(recipe, calib, layer_log)} if after_layer is not None else {}))
     _save_files(model, tokenizer, folder, built)
     _write_index(built)
     write_json(built / META_FILE, meta)

@@ -164,7 +164,7 @@ def load_checkpoint(folder: Path, params, opt, fingerprint: dict) -> dict:
 
 def train(student, teacher, windows: torch.Tensor, cfg: DistillConfig, checkpoint_dir=None, resume: bool = False,
           stop_cpu_s: float | None = None, stop_step: int | None = None, show_progress: bool = True) -> dict:
-    """Distil `teacher` into `student` (already masked: distill_masks.fix_masks) on `windows` [n, seqlen].
+    """Distil `teacher` into `student` (already masked: masks.fix_masks) on `windows` [n, seqlen].
 
     Rank r of a process group reads rows r*batch:(r+1)*batch of each global batch; gradients are averaged
     by DDP. stop_cpu_s: stop (with a checkpoint) once this many CPU seconds of training have been spent in

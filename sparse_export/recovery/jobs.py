@@ -16,7 +16,7 @@ from ..layerwise import pick_device
 from ..outputs import META_FILE, Timer, atomic_dir, peak_rss_gib, read_meta, write_json
 from ..report import table
 from .distill import DistillConfig, train
-from .distill_masks import bake, fix_masks, grid_scales, zero_counts, zero_masks
+from .masks import bake, fix_masks, grid_scales, zero_counts, zero_masks
 from .train_data import check_training_source, training_windows
 
 DEFAULT_STEPS = 200
@@ -137,7 +137,7 @@ def _recover(rank, world, where, meta, out, ckpt, pruned, teacher_spec, source, 
     check_pair(student, teacher, tokenizer, t_tok, teacher_spec)
     names = models.prunable_names(student)
     masks = zero_masks(student, names)
-    zeros_before = zero_counts(student, names)
+    zeros_before = zero_counts({n: student.get_submodule(n) for n in names})
     if sum(zeros_before.values()) == 0:
         raise UserError(f"{pruned} has no zero weights: it is not pruned")
     recipe = meta.get("recipe") or {}
@@ -168,7 +168,7 @@ def _recover(rank, world, where, meta, out, ckpt, pruned, teacher_spec, source, 
         f"data {source})")
     run = train(student, teacher, windows, cfg, ckpt, resume, stop_cpu_s=stop_after_cpu_s, stop_step=stop_after_steps)
     bake(student, names)
-    zeros_after = zero_counts(student, names)
+    zeros_after = zero_counts({n: student.get_submodule(n) for n in names})
     moved = [n for n in names if zeros_after[n] != zeros_before[n]]
     if moved:
         raise RuntimeError(f"the mask moved in {moved[:3]}")

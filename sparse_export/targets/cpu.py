@@ -44,7 +44,7 @@ from ..report import write_report
 from ..runtimes import CPU_RUNTIMES, GENERATE_RUNTIMES, get_runtime, installed
 from .cpu_large import CpuPlan, kv_supported, plan_cpu_run
 from .cpu_report import PAPER_OPT_2_7B, cpu_sections
-from .options import CpuOptions
+from .options import DISTILL_LR, DISTILL_STEPS, CpuOptions
 
 PLOT = "latency.png"
 HELD_OUT = (4, 128)   # windows x tokens the accuracy section compares dense and pruned on
@@ -195,7 +195,8 @@ def _measure_accuracy(run: _Run, label: str, model, tok) -> None:
 def prune_step(run: _Run) -> None:
     """pruned-model/: the pruned checkpoint."""
     run.prune_meta = prune(run.model, run.tmp / "pruned-model", run.opts.recipe, force=True,
-                           threads=run.opts.threads, log=run.step_log, stream=run.opts.stream)
+                           threads=run.opts.threads, log=run.step_log, stream=run.opts.stream,
+                           after_layer=run.opts.recovery_hook())
     if run.opts.recover == "distill":
         _recover_distill(run)
 
@@ -210,8 +211,9 @@ def _recover_distill(run: _Run) -> None:
     oneshot = run.tmp / "oneshot-model"
     (run.tmp / "pruned-model").rename(oneshot)
     source = o.recover_data or o.recipe.calib
-    run.log(f"recovering: distillation from {run.model} on {source}, {o.recover_steps} steps")
-    rep = recover(oneshot, run.tmp / "pruned-model", run.model, source, steps=o.recover_steps, lr=o.recover_lr,
+    steps, lr = o.recover_steps or DISTILL_STEPS, o.recover_lr or DISTILL_LR
+    run.log(f"recovering: distillation from {run.model} on {source}, {steps} steps")
+    rep = recover(oneshot, run.tmp / "pruned-model", run.model, source, steps=steps, lr=lr,
                   seed=o.recipe.seed, threads=o.threads, checkpoint_dir=run.tmp / "recover-ckpt",
                   log=run.step_log)
     run.recovery = {k: rep[k] for k in ("data", "steps", "tokens", "train_cpu_s", "train_wall_s", "peak_memory_gib")}

@@ -19,7 +19,8 @@ _REFUSAL_HINTS = {
 }
 
 
-RECOVER_METHODS = ("distill",)
+RECOVER_METHODS = ("blockwise", "distill")
+DISTILL_STEPS, DISTILL_LR = 200, 1e-4   # --recover distill defaults in prune-and-export
 
 
 @dataclass
@@ -47,10 +48,13 @@ class CpuOptions:
     stream: bool | None = None            # prune and export layer by layer (None: each step's own rule decides)
     memory_budget: float | None = None    # GiB the in-memory export may use (None: onnx_stream.EXPORT_BUDGET)
     skip_fp32: bool = False               # with int8: export and benchmark only the int8 graph
-    recover: str | None = None            # after the prune: "distill" (recovery/jobs.py), None = off
+    recover: str | None = None            # blockwise (each layer inside the prune) | distill (whole model after it)
+    recover_lr: float | None = None       # both (None: the method's default: blockwise 3e-4, distill 1e-4)
+    recover_epochs: int | None = None     # blockwise options (None: BlockwiseOptions' defaults)
+    recover_batch: int | None = None
+    recover_target: str | None = None
     recover_data: str | None = None       # distill: training text (default: the calibration source)
-    recover_steps: int = 200              # distill: optimizer steps
-    recover_lr: float = 1e-4              # distill: peak learning rate
+    recover_steps: int | None = None      # distill: optimizer steps (None: DISTILL_STEPS)
 
     def validate(self) -> "CpuOptions":
         if self.fp32_attention and not self.int8:
@@ -63,13 +67,17 @@ class CpuOptions:
                                 f"got {self.int8_max_error}")
         if self.skip_fp32 and not self.int8:
             raise UserError("--skip-fp32 leaves only the INT8 graph: it needs --int8")
+        if self.recover == "none":
+            self.recover = None
         if self.recover not in (None, *RECOVER_METHODS):
-            raise UserError(f"unknown --recover '{self.recover}' (choose from {', '.join(RECOVER_METHODS)})")
-        if self.recover is None and self.recover_data is not None:
-            raise UserError("--recover-data applies to --recover distill only")
+            raise UserError(f"unknown --recover '{self.recover}' (choose from none, {', '.join(RECOVER_METHODS)})")
+        for flag, value in (("data", self.recover_data), ("steps", self.recover_steps)):
+            if value is not None and self.recover != "distill":
+                raise UserError(f"--recover-{flag} applies to --recover distill only")
         if self.recover and self.eval_data is not None and (self.recover_data or self.recipe.calib) == self.eval_data:
             raise UserError("--recover would train on the --eval-data text; pass another --recover-data")
-        if self.recover_steps < 1 or not self.recover_lr > 0:
+        if self.recover == "distill" and ((self.recover_steps is not None and self.recover_steps < 1)
+                                          or (self.recover_lr is not None and not self.recover_lr > 0)):
             raise UserError("--recover-steps must be >= 1 and --recover-lr > 0")
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise UserError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
@@ -78,11 +86,24 @@ class CpuOptions:
                 raise UserError(f"--int8 prunes onto the 8-bit grid; --wbits {self.recipe.wbits} contradicts it")
             self.recipe = replace(self.recipe, wbits=8)
         self.recipe.validate()
+        self.recovery_hook()                      # bad --recover values: one line now, not after the export
         if self.generate and min(self.prompt_tokens, self.new_tokens - 1) < 1:
             raise UserError("--prompt-tokens must be >= 1 and --new-tokens >= 2")
         if min(self.bench_batch, self.bench_seqlen, self.iterations) < 1 or self.warmup < 0:
             raise UserError("--bench-batch, --bench-seqlen and --iterations must be >= 1, --warmup >= 0")
         return self
+
+    def recovery_hook(self):
+        """The prune's after_layer hook for --recover (None: no recovery)."""
+        from ..recovery.blockwise import make_hook
+
+        if self.recover == "distill":      # after the prune, not inside it: the block-wise options do not apply
+            extra = [f for f in ("epochs", "batch", "target") if getattr(self, f"recover_{f}") is not None]
+            if extra:
+                raise UserError(f"--recover-{extra[0]} applies to --recover blockwise only")
+            return None
+        return make_hook(self.recover, self.recipe, epochs=self.recover_epochs, lr=self.recover_lr,
+                         batch=self.recover_batch, target=self.recover_target)
 
 
 @dataclass

@@ -16,7 +16,7 @@ from sparse_export import data, models
 from sparse_export.outputs import read_meta
 from sparse_export.pruning.grid import int_weight
 from sparse_export.recovery.distill import DistillConfig, distill_loss, lr_at, train
-from sparse_export.recovery.distill_masks import fix_masks, zero_masks
+from sparse_export.recovery.masks import fix_masks, zero_masks
 from sparse_export.recovery.jobs import recover
 from tests.recovery.conftest import pruned_copy
 from tests.tiny import ARCHS
@@ -101,8 +101,11 @@ def test_resumed_equals_uninterrupted(pruned_llama, tiny_dirs, tmp_path, text_fi
     assert any(not torch.equal(a[k], c[k]) for k in a)
 
 
-def test_wbits_grid_kept(tiny_dirs, tmp_path, text_file, no_threads):
-    pruned = pruned_copy(tiny_dirs["llama"], tmp_path / "pruned", text_file, method="sparsegpt", wbits=8)
+@pytest.mark.parametrize("grid", [dict(wbits=8), dict(wbits=4, group_size=32)], ids=["int8-rows", "int4-g32"])
+def test_wbits_grid_kept(tiny_dirs, tmp_path, text_file, no_threads, grid):
+    """Per-row 8-bit and per-group 4-bit grids: the recovered weights are on the recorded grid, zeros kept."""
+    pruned = pruned_copy(tiny_dirs["llama"], tmp_path / "pruned", text_file, method="sparsegpt", **grid)
+    bits = grid["wbits"]
     out = tmp_path / "rec"
     recover(pruned, out, tiny_dirs["llama"], str(text_file), steps=5, lr=1e-2, **QUIET)
     meta = read_meta(out)
@@ -112,8 +115,8 @@ def test_wbits_grid_kept(tiny_dirs, tmp_path, text_file, no_threads):
     moved = 0
     for name in models.prunable_names(model1):
         scale = meta["matrices"][name]["scale"]
-        q1 = int_weight(models.weight_2d(model1.get_submodule(name)), scale)   # raises off the grid
-        q0 = int_weight(models.weight_2d(model0.get_submodule(name)), scale)
+        q1 = int_weight(models.weight_2d(model1.get_submodule(name)), scale, bits)   # raises off the grid
+        q0 = int_weight(models.weight_2d(model0.get_submodule(name)), scale, bits)
         assert torch.equal(q1 == 0, q0 == 0)
         moved += int((q1 != q0).sum())
     assert moved > 0
@@ -122,7 +125,7 @@ def test_wbits_grid_kept(tiny_dirs, tmp_path, text_file, no_threads):
     free, _ = models.load_model(tmp_path / "free")
     name = models.prunable_names(free)[0]
     with pytest.raises(Exception):
-        int_weight(models.weight_2d(free.get_submodule(name)), meta["matrices"][name]["scale"])
+        int_weight(models.weight_2d(free.get_submodule(name)), meta["matrices"][name]["scale"], bits)
 
 
 def test_distill_loss_against_reference():
