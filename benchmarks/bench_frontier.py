@@ -167,7 +167,14 @@ def prepare(args):
         if not out.exists():
             print(f"pruning {s:.0%} ({m}, {allocation}{f', {args.wbits} bits' if args.wbits else ''}) -> {out}",
                   flush=True)
-            jobs.prune(dense, out, _recipe(m, allocation, s, args), threads=args.threads, log=lambda *a: None)
+            if args.wbits and m == "magnitude":   # no joint grid: prune, then round (random weights: speed only)
+                plain = work / _folder_name(m, allocation, s, None, None)
+                if not plain.exists():
+                    jobs.prune(dense, plain, _recipe(m, allocation, s, argparse.Namespace(
+                        wbits=None, group_size=None)), threads=args.threads, log=lambda *a: None)
+                jobs.round_pruned_folder(plain, out, args.wbits, group_size=args.group_size, log=lambda *a: None)
+            else:
+                jobs.prune(dense, out, _recipe(m, allocation, s, args), threads=args.threads, log=lambda *a: None)
         label = _label(out)
         ours[label] = {"folder": str(out), "runtime": "sparse-cpu-dense" if s == 0 else "sparse-cpu",
                        "sparsity": read_meta(out).get("pruned_sparsity", s), "bits": _bits(out),

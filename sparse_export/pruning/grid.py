@@ -107,19 +107,27 @@ def grid_info(bits: int, per_channel: bool, method: str, group_size: int | None 
     return info
 
 
-def round_weights(model, bits: int = 8, per_channel: bool = True, names=None) -> dict:
-    """Round every prunable matrix onto a symmetric grid (scales from the weights as they are now).
+def round_weights(model, bits: int = 8, per_channel: bool = True, names=None, group_size: int | None = None) -> dict:
+    """Round every prunable matrix onto a symmetric grid (scales from the weights as they are now): per row
+    or per tensor, or with group_size one float16-valued scale per (row, group of columns) as GroupQuantizer.
 
-    Zeros stay zero. Returns {name: scale per output row (list)}.
+    Zeros stay zero. Returns {name: scale per output row (list), or out x groups (list of lists)}.
     """
     names = names if names is not None else models.prunable_names(model)
+    check_group_widths(model, names, group_size)
     scales = {}
     with torch.no_grad():
         for name in names:
             mod = model.get_submodule(name)
             W = models.weight_2d(mod).float()
-            quantize, scale = make_quantizer(W, bits, per_channel, headroom=1.0)  # no updates follow
-            models.set_weight_2d(mod, quantize(W.t(), None).t())   # the quantizer takes columns
+            if group_size:
+                qmax = 2 ** (bits - 1) - 1
+                scale = half_scale(W.reshape(W.shape[0], -1, group_size).abs().amax(dim=2) / qmax)
+                full = expand_scale(scale, W.shape[1])
+                models.set_weight_2d(mod, torch.clamp(torch.round(W / full), -qmax - 1, qmax) * full)
+            else:
+                quantize, scale = make_quantizer(W, bits, per_channel, headroom=1.0)  # no updates follow
+                models.set_weight_2d(mod, quantize(W.t(), None).t())   # the quantizer takes columns
             scales[name] = scale.tolist()
     return scales
 

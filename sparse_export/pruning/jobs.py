@@ -82,7 +82,8 @@ def prune(model_spec, out, recipe: Recipe, force: bool = False, threads: int | N
     return meta
 
 
-def round_pruned_folder(src, out, bits: int = 8, per_channel: bool = True, force: bool = False, log=print) -> dict:
+def round_pruned_folder(src, out, bits: int = 8, per_channel: bool = True, force: bool = False, log=print,
+                        group_size: int | None = None) -> dict:
     """Prune then round: load a pruned model folder, round its matrices, save it with the scales.
 
     The baseline that joint SparseGPT + quantization should beat; same grid, same metadata layout.
@@ -91,12 +92,12 @@ def round_pruned_folder(src, out, bits: int = 8, per_channel: bool = True, force
     meta = read_meta(src)
     mats = meta.setdefault("matrices", {})
     with atomic_dir(out, force) as tmp:
-        for name, scale in round_weights(model, bits, per_channel).items():
+        for name, scale in round_weights(model, bits, per_channel, group_size=group_size).items():
             w = models.weight_2d(model.get_submodule(name))
             mats.setdefault(name, {"shape": list(w.shape)})
             mats[name].update(scale=scale, sparsity=float((w == 0).float().mean()))
-        meta.setdefault("recipe", {}).update(wbits=bits, per_channel=per_channel)
-        meta["quantization"] = grid_info(bits, per_channel, "round-after-pruning")
+        meta.setdefault("recipe", {}).update(wbits=bits, per_channel=per_channel, group_size=group_size)
+        meta["quantization"] = grid_info(bits, per_channel, "round-after-pruning", group_size)
         meta["rounded_from"] = str(src)
         models.save_model_folder(model, tokenizer, tmp, meta)
     log(f"rounded {len(mats)} matrices of {src} onto the {bits}-bit grid; wrote {out}")

@@ -74,7 +74,8 @@ class CpuOptions:
         for flag, value in (("data", self.recover_data), ("steps", self.recover_steps)):
             if value is not None and self.recover != "distill":
                 raise UserError(f"--recover-{flag} applies to --recover distill only")
-        if self.recover and self.eval_data is not None and (self.recover_data or self.recipe.calib) == self.eval_data:
+        trains_on = self.recover_data or self.recipe.calib
+        if self.recover == "distill" and self.eval_data is not None and trains_on == self.eval_data:
             raise UserError("--recover would train on the --eval-data text; pass another --recover-data")
         if self.recover == "distill" and ((self.recover_steps is not None and self.recover_steps < 1)
                                           or (self.recover_lr is not None and not self.recover_lr > 0)):

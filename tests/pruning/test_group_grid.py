@@ -165,3 +165,28 @@ def test_streamed_group_prune_equals_in_memory(tiny_dirs, text_file, tmp_path):
     wb, _ = models.load_model(b)
     for (n, x), (_, y) in zip(wa.state_dict().items(), wb.state_dict().items()):
         assert torch.equal(x, y), n
+
+
+def test_round_pruned_folder_group_grid(tiny_dirs, tmp_path):
+    """Prune then round onto a 4-bit group grid (the random-weight speed rows): every matrix reads back exactly
+    with its out x groups scales, float16-valued, and no zero of the pruned folder comes back."""
+    from sparse_export.pruning.jobs import round_pruned_folder
+
+    pruned = tmp_path / "mag"
+    prune(tiny_dirs["llama"], pruned, Recipe(method="magnitude", sparsity=0.5), log=lambda *a: None)
+    out = tmp_path / "w4g32"
+    meta = round_pruned_folder(pruned, out, 4, group_size=32, log=lambda *a: None)
+    assert meta["recipe"]["group_size"] == 32 and meta["quantization"]["granularity"] == "per-group"
+    before, _ = models.load_model(pruned)
+    after, _ = models.load_model(out)
+    for name in models.prunable_names(after):
+        w = models.weight_2d(after.get_submodule(name))
+        scale = torch.tensor(read_meta(out)["matrices"][name]["scale"])
+        assert scale.shape == (w.shape[0], w.shape[1] // 32)
+        assert torch.equal(scale.half().float(), scale)
+        q = int_weight(w, scale, 4, name=name)
+        assert int(q.abs().max()) == 7                       # the largest weight of some group sits at the end
+        w0 = models.weight_2d(before.get_submodule(name))
+        assert bool(((w0 == 0) <= (q == 0)).all())           # zeros stay zero
+    with pytest.raises(UserError, match="does not divide"):
+        round_pruned_folder(pruned, tmp_path / "bad", 4, group_size=48, log=lambda *a: None)
