@@ -130,7 +130,10 @@ def llama(binary, gguf, slots, threads, context):
     def argv(port):
         a = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-np", str(slots),
              "-c", str(context * slots), "--cont-batching", "--no-webui"]
-        return a + (["-t", str(threads), "-tb", str(threads)] if threads else [])
+        # llama.cpp's default -t is the physical core count (1 on this 2-vCPU machine); ours uses every
+        # logical core: give both the same
+        t = threads or os.cpu_count()
+        return a + ["-t", str(t), "-tb", str(t)]
     return argv
 
 
@@ -354,7 +357,11 @@ def load_cmd(args):
     levels = [int(x) for x in args.levels.split(",")]
     context = args.prompt_tokens + args.new_tokens + 8
     rows, single = [], {}
-    for model, folder in folders.items():
+    if args.llama_only:        # keep our rows of an earlier run of the same --name, time llama-server again
+        earlier = json.loads((Path(args.out) / f"serve-{args.name}.json").read_text())
+        rows = [r for r in earlier["rows"] if r["engine"] != "llama-server"]
+        single = earlier.get("single_stream", {})
+    for model, folder in ([] if args.llama_only else folders.items()):
         runtime = "sparse-cpu-dense" if model == "dense" else "sparse-cpu"
         for c in levels:
             rows.append(run_level(lambda s, f=folder, r=runtime: ours(f, s, r, args.threads, context),
@@ -432,6 +439,8 @@ def main():
     p.add_argument("--gguf-types", default="Q8_0,Q4_0,Q4_K_M")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench-serve"))
     p.add_argument("--no-single-stream", action="store_true", help="skip `benchmark --mode generate`")
+    p.add_argument("--llama-only", action="store_true",
+                   help="time llama-server only; our rows come from the earlier serve-NAME.json")
     p = sub.choices["soak"]
     p.add_argument("--model", required=True)
     p.add_argument("--requests", type=int, default=1000)
