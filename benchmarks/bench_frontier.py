@@ -470,7 +470,12 @@ def _plot(res, png, shape) -> bool:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle("sparse-cpu (sparse int8/int4) vs llama.cpp quantizations, " + (shape or "SmolLM2-135M"))
-    if not shape:
+    return _save_fig(fig, png, plt, note=not shape)
+
+
+def _save_fig(fig, png, plt, note: bool) -> bool:
+    """Save a SmolLM2 figure with the Q4_1 caveat under it (note) or a random-shape one without."""
+    if note:
         fig.text(0.01, 0.005, "SmolLM2's weights here come from a Q4_1 GGUF: 4-bit types that keep Q4_1's grid "
                  "may be flattered.", fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
@@ -516,13 +521,7 @@ def _plot_ppl_only(res, png, shape, plt) -> bool:
     ax.invert_yaxis()
     ax.set_xlabel("WikiText-2 perplexity (log); decode speed not measured yet (the speed stage)")
     ax.set_title(f"perplexity per point, {shape or 'SmolLM2-135M'}")
-    if not shape:
-        fig.text(0.01, 0.005, "SmolLM2's weights here come from a Q4_1 GGUF: 4-bit types that keep Q4_1's grid "
-                 "may be flattered.", fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
-    return True
+    return _save_fig(fig, png, plt, note=not shape)
 
 
 # ---------------------------------------------------------------- main

@@ -80,14 +80,20 @@ class PackedLinear:
                 "weight": values + mask + scales, "read": values + mask + scales + extra}
 
 
-def pack(q: np.ndarray, scale, bias=None, dense: bool = False) -> PackedLinear:
-    """q int8 [out, in] (the weights on their grid), scale per row, bias or None -> PackedLinear."""
+def _int_matrix(q: np.ndarray, who: str) -> tuple[np.ndarray, int, int]:
+    """q as a contiguous 2-D int8 matrix within the kernel's width, and its shape; UserError otherwise."""
     q = np.ascontiguousarray(q)
     if q.dtype != np.int8 or q.ndim != 2:
-        raise UserError(f"pack() wants a 2-D int8 matrix, not {q.dtype} {q.shape}")
+        raise UserError(f"{who}() wants a 2-D int8 matrix, not {q.dtype} {q.shape}")
     out, n_in = q.shape
     if n_in > MAX_IN_FEATURES:
         raise UserError(f"in_features {n_in} is over the kernel's limit of {MAX_IN_FEATURES}")
+    return q, out, n_in
+
+
+def pack(q: np.ndarray, scale, bias=None, dense: bool = False) -> PackedLinear:
+    """q int8 [out, in] (the weights on their grid), scale per row, bias or None -> PackedLinear."""
+    q, out, n_in = _int_matrix(q, "pack")
     scale = np.ascontiguousarray(np.asarray(scale, np.float32).reshape(out))
     bias = None if bias is None else np.ascontiguousarray(np.asarray(bias, np.float32).reshape(out))
     words = -(-n_in // WORD)
@@ -114,12 +120,7 @@ def half_exact(scale) -> bool:
 def pack4(q: np.ndarray, gscale, bias=None, dense: bool = False) -> PackedLinear:
     """q int8 [out, in] with values in [-8, 7], gscale [out, groups] (groups dividing in; [out] or [out, 1]:
     one scale per row), bias or None -> the int4 PackedLinear."""
-    q = np.ascontiguousarray(q)
-    if q.dtype != np.int8 or q.ndim != 2:
-        raise UserError(f"pack4() wants a 2-D int8 matrix, not {q.dtype} {q.shape}")
-    out, n_in = q.shape
-    if n_in > MAX_IN_FEATURES:
-        raise UserError(f"in_features {n_in} is over the kernel's limit of {MAX_IN_FEATURES}")
+    q, out, n_in = _int_matrix(q, "pack4")
     if q.size and (q.min() < -8 or q.max() > 7):
         raise UserError("int4 packing needs weights in [-8, 7]")
     gscale = np.asarray(gscale, np.float32).reshape(out, -1)
