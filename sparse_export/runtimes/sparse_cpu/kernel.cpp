@@ -26,6 +26,7 @@
 #include <cstring>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #define FAST_TARGET "avx512f,avx512bw,avx512vl,avx512vbmi2,avx512vnni,popcnt"
@@ -388,18 +389,18 @@ __attribute__((target(FAST_TARGET))) void group4_fast(const Layer& L, const Acts
   }
 }
 
-template <bool DENSE>
-void group4_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
-                          int32_t* ints) {
+// run(std::integral_constant<int, B>) with B = nb as a compile-time token count (1..8; more: 8)
+template <class F>
+void with_tokens(int nb, F run) {
   switch (nb) {
-    case 1: return group4_fast<1, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 2: return group4_fast<2, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 3: return group4_fast<3, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 4: return group4_fast<4, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 5: return group4_fast<5, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 6: return group4_fast<6, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 7: return group4_fast<7, DENSE>(L, a, t0, r0, r1, y, ints);
-    default: return group4_fast<8, DENSE>(L, a, t0, r0, r1, y, ints);
+    case 1: return run(std::integral_constant<int, 1>());
+    case 2: return run(std::integral_constant<int, 2>());
+    case 3: return run(std::integral_constant<int, 3>());
+    case 4: return run(std::integral_constant<int, 4>());
+    case 5: return run(std::integral_constant<int, 5>());
+    case 6: return run(std::integral_constant<int, 6>());
+    case 7: return run(std::integral_constant<int, 7>());
+    default: return run(std::integral_constant<int, 8>());
   }
 }
 
@@ -460,17 +461,10 @@ void group4_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0
 template <bool DENSE>
 void group_dispatch_fast(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0, int64_t r1, float* y,
                          int32_t* ints) {
-  if (L.bits == 4) return group4_dispatch_fast<DENSE>(nb, L, a, t0, r0, r1, y, ints);
-  switch (nb) {
-    case 1: return group_fast<1, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 2: return group_fast<2, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 3: return group_fast<3, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 4: return group_fast<4, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 5: return group_fast<5, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 6: return group_fast<6, DENSE>(L, a, t0, r0, r1, y, ints);
-    case 7: return group_fast<7, DENSE>(L, a, t0, r0, r1, y, ints);
-    default: return group_fast<8, DENSE>(L, a, t0, r0, r1, y, ints);
-  }
+  with_tokens(nb, [&](auto B) {
+    if (L.bits == 4) group4_fast<B(), DENSE>(L, a, t0, r0, r1, y, ints);
+    else group_fast<B(), DENSE>(L, a, t0, r0, r1, y, ints);
+  });
 }
 
 template <bool DENSE>
