@@ -117,9 +117,9 @@ def quantize(bin_dir: Path, f16: Path, out: Path, qtype: str) -> Path:
 
 # ---------------------------------------------------------------- prepare
 
-def _folder_name(method, allocation, s, wbits, group_size):
+def _folder_name(method, allocation, s, wbits, group_size, clip=False):
     name = f"{method}{'' if allocation == 'uniform' else '-' + allocation}-{int(round(s * 100))}"
-    return name + (f"-w{wbits}" + (f"g{group_size}" if group_size else "") if wbits else "")
+    return name + (f"-w{wbits}" + (f"g{group_size}" if group_size else "") + ("c" if clip else "") if wbits else "")
 
 
 def _recipe(method, allocation, s, args):
@@ -131,6 +131,8 @@ def _recipe(method, allocation, s, args):
         kw.update(calib=str(data.shared_asset(*C4)), nsamples=args.nsamples, seqlen=args.seqlen)
     if args.group_size:
         kw["group_size"] = args.group_size
+    if args.group_size:
+        kw["clip_search"] = bool(getattr(args, "clip_search", False))   # explicit: the folder name says which
     try:
         return Recipe(**kw).validate()
     except TypeError:
@@ -163,7 +165,7 @@ def prepare(args):
                                        "bits": 8, "method": "round to nearest, per row"})
     for s in args.sparsities:
         m = "sparsegpt" if s == 0 and method == "alps" else method     # a dense joint grid: GPTQ
-        out = work / _folder_name(m, allocation, s, args.wbits, args.group_size)
+        out = work / _folder_name(m, allocation, s, args.wbits, args.group_size, args.clip_search)
         if not out.exists():
             print(f"pruning {s:.0%} ({m}, {allocation}{f', {args.wbits} bits' if args.wbits else ''}) -> {out}",
                   flush=True)
@@ -201,7 +203,8 @@ def _label(folder) -> str:
     meta = read_meta(folder)
     r = meta.get("recipe") or {}
     s = meta.get("pruned_sparsity") or 0.0
-    bits = f"int{_bits(folder)}" + (f" g{r['group_size']}" if r.get("group_size") else "")
+    bits = (f"int{_bits(folder)}" + (f" g{r['group_size']}" if r.get("group_size") else "")
+            + (" clip" if r.get("clip_search") else ""))
     if s < 0.01:
         return f"dense {bits}"
     how = r.get("method", "?") + ("" if r.get("allocation", "uniform") == "uniform" else f" + {r['allocation']}")
@@ -318,12 +321,18 @@ def speed_stage(args):
                            "llama.cpp": "llama-bench -p 0 -n NEW -d PROMPT (decode after a PROMPT-token context)",
                            "ours": "greedy decoding after a PROMPT-token random prompt, median step "
                                    "(measure.generation.measure_generation)"}
+    from bench_sparse_decode import stream_bandwidth
+
+    res["speed_config"]["stream_read_gbs"] = {str(t): stream_bandwidth(t) / 1e9 for t in args.threads}
     bin_dir = None
     for label, p in points.items():
         row = res["points"].setdefault(label, {})
         row.update(p)
         row.setdefault("tok_s", {})
         for t in args.threads:
+            if str(t) in row["tok_s"] and not args.force:
+                print(f"{label}: {t} thread(s) kept ({row['tok_s'][str(t)]:.1f} tok/s)", flush=True)
+                continue
             print(f"{label}: decoding on {t} thread(s)", flush=True)
             if p["engine"] == "llama.cpp":
                 bin_dir = bin_dir or llama_bin(args)
@@ -400,10 +409,14 @@ def plot_stage(args):
                      "ppl": p.get("perplexity"), "torch_ppl": p.get("torch_perplexity"),
                      "mb": p["bytes_per_token"] / 1e6 if p.get("bytes_per_token") else None,
                      **{f"t{t}": (p.get("tok_s") or {}).get(str(t)) for t in (1, 2)}})
+        if rows[-1]["mb"] and rows[-1]["t2"]:      # weight bytes read per second, and its share of a streaming read
+            rows[-1]["gbs"] = rows[-1]["mb"] * rows[-1]["t2"] / 1e3
+            stream = ((res.get("speed_config") or {}).get("stream_read_gbs") or {}).get("2")
+            rows[-1]["of_stream"] = rows[-1]["gbs"] / stream if stream else None
     cols = [("point", "point"), ("bits / type", "bits"), ("stored as (MB)", "stored"), ("sparsity", "sparsity"),
             ("WikiText-2 ppl", "ppl"),
             ("torch ppl (folder)", "torch_ppl"), ("weight MB/token", "mb"), ("tok/s 1 thread", "t1"),
-            ("tok/s 2 threads", "t2")]
+            ("tok/s 2 threads", "t2"), ("GB/s (2 thr)", "gbs"), ("of stream", "of_stream")]
     proto = res.get("perplexity_protocol") or {}
     sc = res.get("speed_config") or {}
     md = [f"# Accuracy per speed: sparse-cpu against llama.cpp ({res['model']})", ""]
@@ -413,7 +426,10 @@ def plot_stage(args):
                   "sparse-cpu runtime's logits; `torch ppl (folder)`: the same folder's float weights in torch.")
     if sc:
         md.append(f"Decode speed: {sc['cpu']}, {sc['prompt_tokens']}-token context, {sc['new_tokens']} new tokens, "
-                  f"{sc['repetitions']} repetitions; llama.cpp: `{sc['llama.cpp']}`; ours: {sc['ours']}.")
+                  f"{sc['repetitions']} repetitions; llama.cpp: `{sc['llama.cpp']}`; ours: {sc['ours']}."
+                  + (f" Streaming read on 2 threads: {sc['stream_read_gbs']['2']:.1f} GB/s; `GB/s` = weight MB/token x "
+                     "tok/s (the whole step's time, not the kernel's alone)." if (sc.get("stream_read_gbs") or {}).get("2")
+                     else ""))
     else:
         md.append("Decode speed: not measured in this file yet (run the `speed` stage on a quiet machine).")
     pts = res["points"]
@@ -547,6 +563,8 @@ def main():
     p.add_argument("--wbits", type=int, help="joint grid (8, or 4 with --group-size); default none: rounded "
                                              "per row to int8 at load")
     p.add_argument("--group-size", type=int)
+    p.add_argument("--clip-search", action="store_true", help="group scales by least weighted rounding error (grid.clip_scales; "
+                   "the prune's default with --group-size, off here unless given: folder names end in c)")
     p.add_argument("--nsamples", type=int, default=16)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=1)
@@ -567,6 +585,7 @@ def main():
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--force", action="store_true", help="time again the points that have a speed")
     p.set_defaults(func=speed_stage)
     p = sub.add_parser("plot", help="table and plot from the results JSON")
     p.add_argument("--shape", choices=SHAPES)

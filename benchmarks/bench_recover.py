@@ -12,9 +12,13 @@ benchmarks/results/recover[-<label>].{json,md,png}.
   python benchmarks/bench_recover.py --settings 50% --marks 15 --threads 1          # the reduced run
   python benchmarks/bench_recover.py                                                # everything (hours)
   python benchmarks/bench_recover.py --int8                                         # + INT8 ONNX perplexity
+  python benchmarks/bench_recover.py --fill --int8      # afterwards: sparse-cpu (and INT8 ONNX) perplexity of every row
+  # one process per core, one setting each (they share the results file):
+  for s in 50% 70% 2:4; do python benchmarks/bench_recover.py --settings $s --int8 & done; wait
 """
 
 import argparse
+import fcntl
 import json
 import subprocess
 import sys
@@ -57,6 +61,9 @@ def main():
     ap.add_argument("--int8", action="store_true", help="also export each final model to INT8 ONNX and measure it")
     ap.add_argument("--work", type=Path, default=ROOT / "benchmarks" / ".work-recover")
     ap.add_argument("--label", default="")
+    ap.add_argument("--fill", action="store_true",
+                    help="no training: add what rows lack (sparse-cpu perplexity; with --int8 the INT8 ONNX one, "
+                         "one-shot rows too) for the folders still in --work; run it when no ladder is running")
     args = ap.parse_args()
     import torch
 
@@ -79,9 +86,18 @@ def main():
     py = [sys.executable, "-m", "sparse_export.cli.main"]
 
     def save():
-        rows.sort(key=lambda r: (list(SETTINGS).index(r["setting"]), r["mark_cpu_min"]))
-        _write(res_path, rows, args, steps, train_src)
+        # settings may run as separate processes (one per core) on one results file: merge under a lock
+        with open(res_path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            merged = {(r["setting"], r["mark_cpu_min"]): r
+                      for r in (json.loads(res_path.read_text())["rows"] if res_path.exists() else [])}
+            mine = set(args.settings.split(","))      # this process writes its own settings' rows only
+            merged.update({(r["setting"], r["mark_cpu_min"]): r for r in rows if r["setting"] in mine})
+            rows[:] = sorted(merged.values(), key=lambda r: (list(SETTINGS).index(r["setting"]), r["mark_cpu_min"]))
+            _write(res_path, rows, args, steps, train_src)
 
+    if args.fill:
+        return _fill(rows, args, work, wiki, save)
     for setting in args.settings.split(","):
         flags, ref_ppl = SETTINGS[setting]
         tag = setting.replace("%", "").replace(":", "-")
@@ -133,6 +149,38 @@ def main():
     save()
 
 
+def _fill(rows, args, work, wiki, save) -> None:
+    """The deployed perplexities of rows measured without them: sparse-cpu (per-token int8 activations, every
+    matrix int8 per row, the runtime's own logits) and, with --int8, the INT8 ONNX graph."""
+    for r in rows:
+        if r["setting"] not in args.settings.split(","):
+            continue
+        tag = r["setting"].replace("%", "").replace(":", "-")
+        folder = work / (f"pruned-{tag}" if r["mark_cpu_min"] == 0 else f"recovered-{tag}-{r['mark_cpu_min']:g}min")
+        if not folder.exists():
+            continue
+        if r.get("sparse_cpu_perplexity") is None:
+            print(f"{r['setting']} @ {r['mark_cpu_min']:g}: sparse-cpu perplexity ...", flush=True)
+            r["sparse_cpu_perplexity"] = _cpu_ppl(folder, wiki)
+            save()
+        if args.int8 and r.get("int8_onnx_perplexity") is None:
+            print(f"{r['setting']} @ {r['mark_cpu_min']:g}: INT8 ONNX perplexity ...", flush=True)
+            r["int8_onnx_perplexity"] = _int8_ppl(folder, work / f"int8-{tag}-{r['mark_cpu_min']:g}min", wiki)
+            save()
+
+
+def _cpu_ppl(folder, wiki) -> float:
+    import torch
+
+    from sparse_export import models
+    from sparse_export.evaluate import perplexity
+    from sparse_export.runtimes.sparse_cpu.model import load_int8_model
+
+    model, tok, _ = load_int8_model(str(folder), "auto", torch.get_num_threads())
+    windows = data.eval_windows(str(wiki), tok or models.folder_tokenizer(folder), EVAL["seqlen"], EVAL["windows"])
+    return perplexity(model, windows, progress=False)[0]
+
+
 def _ppl(folder, wiki) -> float:
     return evaluate(str(folder), str(wiki), EVAL["seqlen"], EVAL["windows"], stream=False)["perplexity"]
 
@@ -158,7 +206,8 @@ def _write(path: Path, rows, args, steps, train_src) -> None:
     write_json(path, result)
     cols = [("setting", "setting"), ("CPU-min", "mark_cpu_min"), ("steps", "steps"), ("tokens", "tokens"),
             ("train CPU s", "train_cpu_s"), ("perplexity", "perplexity"), ("x dense", "x_dense"),
-            ("int8 ONNX ppl", "int8_onnx_perplexity"), ("KL after", "kl_after"), ("top-1 after", "top1_after"),
+            ("int8 ONNX ppl", "int8_onnx_perplexity"), ("sparse-cpu ppl", "sparse_cpu_perplexity"),
+            ("KL after", "kl_after"), ("top-1 after", "top1_after"),
             ("peak GiB", "peak_gib")]
     shown = [{**r, "x_dense": r["perplexity"] / DENSE_PPL} for r in rows]
     md = (f"# Recovery benchmark: SmolLM2-135M, distillation with the mask fixed\n\n"

@@ -52,13 +52,15 @@ def cli(*args) -> list[str]:
     return [sys.executable, "-m", "sparse_export.cli.main", *map(str, args)]
 
 
-def prune_and_eval(model: Path, work: Path, args, calib: Path, wiki: Path, name: str, extra=()) -> dict:
+def prune_and_eval(model: Path, work: Path, args, calib: Path, wiki: Path, name: str, extra=(),
+                   prune_only=()) -> dict:
     out = work / f"pruned-{name}"
     shutil.rmtree(out, ignore_errors=True)
     common = ["--threads", args.threads] if args.threads else []
     print(f"{name}: pruning {model} ...", flush=True)
     prune = run_measured(cli("prune", model, "--out", out, "--sparsity", 0.5, "--calib", calib, "--nsamples",
-                             args.nsamples, "--seqlen", args.seqlen, "--device", args.device, *common, *extra))
+                             args.nsamples, "--seqlen", args.seqlen, "--device", args.device, *common, *extra,
+                             *prune_only))
     meta = json.loads((out / "sparse_export.json").read_text())
     prune["peak_rss_gib"] = meta["peak_memory_gib"]
     print(f"{name}: evaluating ...", flush=True)
@@ -72,7 +74,7 @@ def prune_and_eval(model: Path, work: Path, args, calib: Path, wiki: Path, name:
     return {"name": name, "prune": prune, "eval": ev, "perplexity": res["perplexity"],
             "streamed": meta.get("streamed"), "calibration_mode": meta["calibration_mode"],
             "prune_in_process": meta["timing"], "layers": meta.get("layers", []),
-            "sparsity": meta["pruned_sparsity"]}
+            "recovery": meta.get("recovery"), "sparsity": meta["pruned_sparsity"]}
 
 
 def layer_rows(layers: list[dict]) -> list[dict]:
@@ -94,6 +96,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int)
     ap.add_argument("--keep", action="store_true", help="keep the pruned folders")
+    ap.add_argument("--recover", choices=["blockwise"], help="prune with --recover blockwise (its time per layer "
+                    "and peak RSS; results stream-<shape>-blockwise)")
     ap.add_argument("--compare-smollm2", action="store_true",
                     help="SmolLM2-135M streamed and in memory (16 x 512 calibration, 6 x 2048 evaluation)")
     args = ap.parse_args()
@@ -123,8 +127,10 @@ def main():
             t0 = time.perf_counter()
             write_model(shape, model, log=lambda *_: None)
             print(f"  {time.perf_counter() - t0:.0f}s", flush=True)
-        runs = [prune_and_eval(model, args.work, args, calib, wiki, tag, ["--stream"])]
-        stem = f"stream-{tag}" if not args.model else f"stream-{Path(args.model).name}"
+        rec = ["--recover", args.recover] if args.recover else []
+        tag_run = tag + (f"-{args.recover}" if args.recover else "")
+        runs = [prune_and_eval(model, args.work, args, calib, wiki, tag_run, ["--stream"], rec)]
+        stem = f"stream-{tag_run}" if not args.model else f"stream-{Path(args.model).name}"
         title = f"{tag} shapes, random bf16 weights" if not args.model else str(args.model)
 
     steps = []
@@ -142,6 +148,13 @@ def main():
     per_layer = {r["name"]: layer_rows(r["layers"]) for r in runs}
     layer_text = "\n\n".join(f"### {name}: per layer\n\n{table(rows, layer_cols)}" for name, rows in per_layer.items()
                              if rows and rows[0].get("step_wall_s") is not None)
+    rec_cols = [("layer", "layer"), ("recovery wall s", "seconds"), ("recovery CPU s", "cpu_seconds"),
+                ("steps", "steps"), ("error before", "before"), ("error after", "after"), ("kept", "kept")]
+    for r in runs:
+        if r.get("recovery"):
+            layer_text += (f"\n\n### {r['name']}: block-wise recovery per layer (its share of the layer's time above; "
+                           f"CPU s includes the dense layer's target outputs)\n\n"
+                           + table(r["recovery"]["layers"], rec_cols))
     print(text)
     print(layer_text)
     result = {"title": title, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
@@ -152,7 +165,7 @@ def main():
     write_json(res_dir / f"{stem}.json", result)
     (res_dir / f"{stem}.md").write_text(
         f"# Streamed prune and eval: {title}\n\n{args.nsamples} x {args.seqlen} C4 calibration tokens, "
-        f"SparseGPT 50%; WikiText-2 {args.eval_windows} x {args.eval_seqlen} evaluation tokens; device "
+        f"SparseGPT 50%{' + --recover ' + args.recover if getattr(args, 'recover', None) else ''}; WikiText-2 {args.eval_windows} x {args.eval_seqlen} evaluation tokens; device "
         f"{args.device}; {cpu_name()}. Each step in its own process (wall; CPU = user + system from wait4; peak RSS = the "
         f"process's VmHWM).\n\n{text}\n\n{layer_text}\n")
     print(f"wrote {res_dir / stem}.md")

@@ -38,6 +38,10 @@ WBits = Annotated[Optional[int], _opt("Also quantize kept weights to this many b
 GroupSize = Annotated[Optional[int], _opt("With --wbits: one scale per row and group of this many input columns "
                                           "(a power of two >= 32, dividing every matrix's input width), e.g. "
                                           "--wbits 4 --group-size 128; default: per-row scales.")]
+ClipSearch = Annotated[Optional[bool], _opt("With --group-size: each group scale the best of a few clipped ranges "
+                                            "(least rounding error, weighted by what each column costs the "
+                                            "layer's output), not the group's largest weight (default: on).",
+                                            "--clip-search/--no-clip-search")]
 PerChannel = Annotated[Optional[bool], _opt("Quantization scale granularity (default: per-channel).",
                                             "--per-channel/--per-tensor")]
 Allocation = Annotated[Optional[str], _opt("Per-layer sparsity: uniform | owl (layers with more activation "

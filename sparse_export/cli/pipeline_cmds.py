@@ -39,6 +39,7 @@ def prune_and_export_cmd(
     wbits: o.WBits = None,
     per_channel: o.PerChannel = None,
     group_size: o.GroupSize = None,
+    clip_search: o.ClipSearch = None,
     allocation: o.Allocation = None,
     owl_threshold: o.OwlThreshold = None,
     owl_lambda: o.OwlLambda = None,
@@ -103,7 +104,7 @@ def prune_and_export_cmd(
     opts = build_options(
         target, **o.recipe_given(method=method, sparsity=sparsity, pattern=pattern, calib=calib, nsamples=nsamples,
                                  seqlen=seqlen, seed=seed, blocksize=blocksize, dampening=dampening, ignore=ignore,
-                                 wbits=wbits, per_channel=per_channel, group_size=group_size, allocation=allocation,
+                                 wbits=wbits, per_channel=per_channel, group_size=group_size, clip_search=clip_search, allocation=allocation,
                                  owl_threshold=owl_threshold, owl_lambda=owl_lambda, alps_iters=alps_iters,
                                  alps_rho=alps_rho, alps_rho_growth=alps_rho_growth, alps_cg_iters=alps_cg_iters,
                                  smooth=smooth),

@@ -108,7 +108,8 @@ def prune_group(H: torch.Tensor, weights: list[torch.Tensor], recipe: Recipe,
     splits = [w.shape[0] for w in weights]
     quantizer, scale = None, None
     if recipe.wbits and recipe.group_size:
-        quantizer = GroupQuantizer(W.shape[0], W.shape[1], recipe.wbits, recipe.group_size)
+        quantizer = GroupQuantizer(W.shape[0], W.shape[1], recipe.wbits, recipe.group_size,
+                                   clip_search=recipe.clip_search)
         scale = quantizer.scale                    # filled in by the sweep
     elif recipe.wbits:
         quantizer, scale = make_quantizer(W.float(), recipe.wbits, recipe.per_channel, splits)
@@ -386,7 +387,7 @@ def pruned_meta(model, recipe: Recipe, stats: dict, mode: str, dev, layer_log: l
         "source_model": str(source),
         "architecture": archs.model_type(model),
         "recipe": recipe.to_dict(),
-        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, "joint-sparsegpt", recipe.group_size),
+        **({"quantization": {**grid_info(recipe.wbits, recipe.per_channel, f"joint-{recipe.method}", recipe.group_size),
                               "scale_headroom": QUANT_HEADROOM if recipe.wbits == 8 else 1.0}}
            if recipe.wbits else {}),
         "pruned_sparsity": zeros / max(total, 1),

@@ -53,22 +53,28 @@ class GroupQuantizer:
     Rounding is to nearest: pruned weights stay 0 and no pruned weight comes back, but a kept weight under
     half a step rounds to 0 too (a little more sparsity than asked). keep_nonzero=True sends such a weight to
     +-1 (its sign) instead, so the artifact's mask is exactly the pruner's; on SmolLM2 at 50%, g64, that cost
-    perplexity 117.2 against 72.8 (docs/int8.md). quantize(column, index) -> the column on its group's grid."""
+    perplexity 117.2 against 72.8 (docs/int8.md). clip_search=True picks each row's scale from CLIP_FACTORS x
+    the largest |weight| of the group, the one with the least squared rounding error over the group (a clipped
+    outlier against a finer step for the rest). quantize(column, index) -> the column on its group's grid."""
 
     def __init__(self, rows: int, cols: int, bits: int, group_size: int, headroom: float | None = None,
-                 keep_nonzero: bool = False):
+                 keep_nonzero: bool = False, clip_search: bool = False):
         if cols % group_size:
             raise UserError(f"--group-size {group_size} does not divide the input width {cols}")
         self.bits, self.group_size, self.keep_nonzero = bits, group_size, keep_nonzero
+        self.clip_search = clip_search
         self.qmax = 2 ** (bits - 1) - 1
         self.headroom = (QUANT_HEADROOM if bits == 8 else 1.0) if headroom is None else headroom
         self.scale = torch.zeros(rows, cols // group_size)
         self._fixed = [False] * (cols // group_size)
 
-    def fix(self, index: int, W: torch.Tensor) -> None:
-        """Fix the scales of the group starting at column `index` from its current weights W (rows x group)."""
+    def fix(self, index: int, W: torch.Tensor, importance: torch.Tensor | None = None) -> None:
+        """Fix the scales of the group starting at column `index` from its current weights W (rows x group);
+        importance: a weight per column for the clip search's error (the sweep passes 1 / [H^-1 factor]_jj^2,
+        what a column's rounding error costs in the layer's output)."""
         g = index // self.group_size
-        self.scale[:, g] = half_scale(W.abs().amax(dim=1) * self.headroom / self.qmax)
+        top = W.abs().amax(dim=1) * self.headroom / self.qmax
+        self.scale[:, g] = clip_scales(W, top, self.qmax, importance) if self.clip_search else half_scale(top)
         self._fixed[g] = True
 
     def __call__(self, col: torch.Tensor, index: int) -> torch.Tensor:
@@ -78,6 +84,25 @@ class GroupQuantizer:
         s = self.scale[:, g]
         q = torch.clamp(torch.round(col / s), -self.qmax - 1, self.qmax)
         return (torch.where(q == 0, torch.sign(col), q) if self.keep_nonzero else q) * s
+
+
+CLIP_FACTORS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def clip_scales(W: torch.Tensor, top: torch.Tensor, qmax: int, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """Per row of W (rows x group), the float16-valued scale among CLIP_FACTORS x top with the least
+    sum of squared rounding errors, each column's weighted by `importance` when given (ties: the larger scale)."""
+    best, best_err = None, None
+    imp = torch.ones(W.shape[1]) if importance is None else importance.float()
+    for f in CLIP_FACTORS:
+        s = half_scale(top * f)
+        err = (((torch.clamp(torch.round(W / s[:, None]), -qmax - 1, qmax) * s[:, None] - W) ** 2) * imp).sum(dim=1)
+        if best is None:
+            best, best_err = s, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, s, best), torch.where(better, err, best_err)
+    return best
 
 
 def check_group_widths(model, names, group_size: int | None) -> None:

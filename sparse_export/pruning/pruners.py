@@ -101,7 +101,8 @@ def check_pattern(cols: int, n: int, m: int) -> None:
 
 def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 0, m: int = 0, blocksize: int = 128,
               dampening: float = 0.01, row_splits: list[int] | None = None, quantizer: Callable | None = None,
-              factor: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
+              factor: tuple[torch.Tensor, torch.Tensor] | None = None,
+              mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Prune W (out x in) with SparseGPT. Returns (new weight in fp32, pruned-mask, loss).
 
     sparsity: fraction pruned (unstructured; mask chosen adaptively per block of columns).
@@ -111,6 +112,8 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
                `group_size` (grid.GroupQuantizer) has fix(index, W_group) called as the sweep reaches
                each group's first column, with the group's current weights (rows x group_size).
     factor:   hessian_inverse_factor(H, dampening), when the caller already has it.
+    mask:     a fixed pruned-mask (True = pruned) instead of choosing one: the sweep then only quantizes the
+              kept weights (GPTQ under a given mask), or only re-solves them if there is no quantizer.
     loss:     sum over weights of err^2 / 2 (the OBS estimate of the output error increase).
     """
     W = W.detach().float().clone()
@@ -118,6 +121,7 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
     check_pattern(cols, n, m)
     U, dead = factor if factor is not None else hessian_inverse_factor(H, dampening)
     W[:, dead] = 0
+    fixed = mask
     mask = torch.zeros_like(W, dtype=torch.bool)
     loss = 0.0
     if n and blocksize % m:
@@ -132,7 +136,9 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
         W1 = W[:, i1:i2].t().contiguous()            # count x rows: one column per row, contiguous
         U1 = U[i1:i2, i1:i2]
         d = torch.diag(U1)
-        if n:
+        if fixed is not None:
+            M1 = fixed[:, i1:i2].t().contiguous()
+        elif n:
             M1 = torch.zeros_like(W1, dtype=torch.bool)
         else:
             score = ((W1 / d[:, None]) ** 2).t()        # rows x count
@@ -140,12 +146,13 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 
         E1 = torch.empty_like(W1)
         inv_d = (1.0 / d)[:, None]
         for i in range(count):
-            if n and i % m == 0:
+            if n and fixed is None and i % m == 0:
                 score = (W1[i:i + m] / d[i:i + m, None]) ** 2          # m x rows
                 idx = torch.topk(score, n, dim=0, largest=False).indices
                 M1[i:i + m].scatter_(0, idx, True)
             if group and (i1 + i) % group == 0:          # a group's scales: from its weights as they are now
-                quantizer.fix(i1 + i, torch.cat([W1[i:i + group].t(), W[:, i2:i1 + i + group]], dim=1))
+                quantizer.fix(i1 + i, torch.cat([W1[i:i + group].t(), W[:, i2:i1 + i + group]], dim=1),
+                              importance=U.diagonal()[i1 + i:i1 + i + group] ** -2)
             w = W1[i]
             if quantizer is None:
                 torch.mul(w.masked_fill(~M1[i], 0.0), inv_d[i], out=E1[i])
@@ -289,10 +296,17 @@ def alps(W: torch.Tensor, H: torch.Tensor, sparsity: float = 0.5, n: int = 0, m:
     mask's weights are refit by conjugate gradients. Of this and the SparseGPT start, the one with the
     lower reconstruction error is returned, so a layer is never worse than SparseGPT leaves it.
     Masks: per matrix of row_splits (unstructured) or per group of m inputs (n:m); dead inputs stay 0.
+    quantizer: joint quantization (--wbits): with the mask found, a SparseGPT sweep under that fixed mask
+    rounds the kept weights column by column and moves each rounding error onto the columns not yet rounded
+    (GPTQ on the ALPS solution); zeros stay zero.
     loss: reconstruction_error of the result.
     """
     if quantizer is not None:
-        raise ValueError("alps does not quantize (no joint quantization)")
+        out, pruned, _ = alps(W, H, sparsity, n, m, blocksize, dampening, row_splits, None, factor, iters, rho,
+                              rho_growth, cg_iters)
+        out, _, _ = sparsegpt(out, H, sparsity, n, m, blocksize, dampening, row_splits, quantizer, factor,
+                              mask=pruned)
+        return out, pruned, reconstruction_error(W.detach().float(), out, H)
     W = W.detach().float().clone()
     rows, cols = W.shape
     check_pattern(cols, n, m)
@@ -357,7 +371,7 @@ PRUNERS = {
     "sparsegpt": Pruner(sparsegpt, "SparseGPT", needs_calibration=True, shares_factor=True, joint_quant=True),
     "wanda": Pruner(wanda, "Wanda", needs_calibration=True),
     "magnitude": Pruner(magnitude, "magnitude pruning", needs_calibration=False),
-    "alps": Pruner(alps, "ALPS", needs_calibration=True, shares_factor=True,
+    "alps": Pruner(alps, "ALPS", needs_calibration=True, shares_factor=True, joint_quant=True,
                    options={"alps_iters": "iters", "alps_rho": "rho", "alps_rho_growth": "rho_growth",
                             "alps_cg_iters": "cg_iters"}),
 }

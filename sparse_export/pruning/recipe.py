@@ -22,6 +22,8 @@ class Recipe:
     wbits: int | None = None          # joint quantization (symmetric int grid), None = off
     per_channel: bool = True
     group_size: int | None = None     # --wbits grid: one scale per row and this many input columns; None = per row/tensor
+    clip_search: bool | None = None   # group grids: each scale the best of a few clipped ranges (grid.clip_scales);
+                                      # None: on with --group-size, off without
     allocation: str = "uniform"       # per-layer sparsity: uniform | owl (outlier-weighed, Yin et al. 2024)
     owl_threshold: float = 5.0        # OWL's M: a score is an outlier above M x its layer's mean score
     owl_lambda: float = 0.08          # OWL's lambda: layer sparsities span [s - lambda, s + lambda]
@@ -30,6 +32,10 @@ class Recipe:
     alps_rho_growth: float = 1.2      # ALPS: penalty multiplied by this each iteration
     alps_cg_iters: int = 5            # ALPS: conjugate-gradient refit iterations
     smooth: float | None = None       # SmoothQuant alpha: outliers into the weights first (smooth.py), None = off
+
+    def __post_init__(self):
+        if self.clip_search is None:
+            self.clip_search = bool(self.group_size)
 
     @property
     def pruner(self) -> Pruner:
@@ -76,6 +82,8 @@ class Recipe:
     def _validate_group(self) -> None:
         g = self.group_size
         if g is None:
+            if self.clip_search:
+                raise UserError("--clip-search chooses group scales: it needs --group-size")
             return
         if not self.wbits:
             raise UserError("--group-size sets the scales of a --wbits grid: give --wbits too")

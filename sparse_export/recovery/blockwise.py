@@ -151,17 +151,20 @@ class BlockwiseRecovery:
     @torch.no_grad()
     def before(self, i: int, layer, hidden, kwargs: list, device) -> None:
         """Layer i, still dense: its target outputs into self.dst."""
+        c0 = time.process_time()
         layer.to(device)
         inputs = self.src if self.options.target == "dense-chain" else hidden
         for j, kw in enumerate(kwargs):
             self.dst[j] = layer_out(layer(to_device(inputs[j], device), **to_device(kw, device))).to("cpu")
+        self._target_cpu = time.process_time() - c0
 
     def after(self, i: int, layer, mods: dict, hidden, kwargs: list, device, pruned_out, out=None,
               stats: dict | None = None) -> tuple[object, dict]:
         """Train layer i (pruned) towards its targets; returns (its outputs: `out` when given, else a list,
-        and the record {before, after, kept, steps, seconds}). stats: the prune's per-matrix stats (the
+        and the record {before, after, kept, steps, seconds, cpu_seconds}: wall time of the training, and the
+        process's CPU time of the training and of the dense targets). stats: the prune's per-matrix stats (the
         grid scales of a --wbits prune)."""
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         targets = self.dst
         before = _rel_error(pruned_out, targets, len(kwargs))
         snapshot = {n: (m.weight.detach().clone(), None if m.bias is None else m.bias.detach().clone())
@@ -182,7 +185,8 @@ class BlockwiseRecovery:
         if self.options.target == "dense-chain":
             self.src, self.dst = self.dst, self.src    # the dense outputs are the next layer's dense inputs
         return outputs, {"before": before, "after": after, "kept": kept, "steps": steps,
-                         "seconds": time.perf_counter() - t0}
+                         "seconds": time.perf_counter() - t0,
+                         "cpu_seconds": time.process_time() - c0 + getattr(self, "_target_cpu", 0.0)}
 
     def _train(self, i, layer, mods, hidden, kwargs, targets, device, scales=None) -> int:
         layer.to(device)
@@ -248,7 +252,7 @@ def _meta(hook: "BlockwiseRecovery", recipe, calib, layer_log: list) -> dict:
             "trained": "weights and biases of the pruned Linear modules (norms fixed)",
             "mean_error_before": sum(x["before"] for x in layers) / max(len(layers), 1),
             "mean_error_after": sum(x["after"] for x in layers) / max(len(layers), 1),
-            "layers": layers}
+            "cpu_seconds": sum(x.get("cpu_seconds", 0.0) for x in layers), "layers": layers}
 
 
 def make_hook(recover: str | None, recipe, epochs: int | None = None, lr: float | None = None,

@@ -83,7 +83,7 @@ def test_outlier_fraction_matches_a_naive_count():
     (dict(method="alps", alps_cg_iters=-2), "alps-cg-iters"),
     (dict(method="alps", alps_rho=0.0), "alps-rho"),
     (dict(method="alps", alps_rho_growth=0.5), "alps-rho-growth"),
-    (dict(method="alps", wbits=8), "wbits"),
+    (dict(method="wanda", wbits=8), "wbits"),
 ])
 def test_recipe_refusals(kw, expect):
     with pytest.raises(UserError, match=expect):

@@ -13,7 +13,7 @@ from sparse_export.pruning.pruners import sparsegpt
 from sparse_export.pruning.recipe import Recipe
 
 
-def naive_joint(W, H, sparsity, blocksize, group, bits=4, damp=0.01, keep_nonzero=False):
+def naive_joint(W, H, sparsity, blocksize, group, bits=4, damp=0.01, keep_nonzero=False, fixed_mask=None):
     """SparseGPT with a group-wise grid written plainly in float64: the inverse Hessian's upper Cholesky
     factor from torch.linalg (no lazy batches), every column's error applied to all later columns at once,
     a block's mask from the lowest fraction of (w / U_jj)^2 over the block, a group's scales from max |w| of
@@ -32,7 +32,7 @@ def naive_joint(W, H, sparsity, blocksize, group, bits=4, damp=0.01, keep_nonzer
         k = int(score.numel() * sparsity)
         block = torch.zeros(score.numel(), dtype=torch.bool)
         block[score.reshape(-1).argsort()[:k]] = True
-        mask[:, i1:i2] = block.view(score.shape)
+        mask[:, i1:i2] = block.view(score.shape) if fixed_mask is None else fixed_mask[:, i1:i2]
         for j in range(i1, i2):
             if j % group == 0:
                 s = W[:, j:j + group].abs().amax(dim=1) / qmax
@@ -100,11 +100,97 @@ def test_group_scales_follow_the_updated_weights():
     (dict(wbits=4, group_size=64, per_channel=False), "--per-tensor"),
     (dict(wbits=4, group_size=64, blocksize=96), "--blocksize"),
     (dict(wbits=4, group_size=64, smooth=0.5), "--smooth"),
+    (dict(wbits=4, clip_search=True), "--group-size"),
 ])
 def test_recipe_refuses_bad_groups(kw, expect):
     with pytest.raises(UserError, match=expect):
         Recipe(**kw).validate()
     Recipe(wbits=4, group_size=256).validate()      # a group wider than the block: fine
+
+
+def _problem(seed, rows=24, cols=256, mixed=False):
+    """A weight and a Hessian; mixed: correlated inputs, as real layers have (what error moving exploits)."""
+    torch.manual_seed(seed)
+    W = torch.randn(rows, cols)
+    X = torch.randn(4 * cols, cols)
+    if mixed:
+        X = X @ (torch.eye(cols) + torch.randn(cols, cols) / cols ** 0.5)
+    X = X * torch.rand(cols) * 2
+    return W, X.t() @ X / X.shape[0]
+
+
+def _on_grid(Wn, quant):
+    q = Wn / quant.scale.repeat_interleave(quant.group_size, dim=1)
+    return torch.equal(q, torch.round(q)) and q.min() >= -8 and q.max() <= 7
+
+
+@pytest.mark.parametrize("group,blocksize", [(32, 64), (64, 128), (256, 128)])
+def test_fixed_mask_sweep_matches_the_naive_reference(group, blocksize):
+    """sparsegpt(mask=M): GPTQ under a given mask, against the plain float64 sweep with that mask."""
+    W, H = _problem(group)
+    M = torch.rand(W.shape) < 0.6
+    quant = GroupQuantizer(*W.shape, 4, group)
+    Wn, mask, _ = sparsegpt(W, H, 0.0, blocksize=blocksize, quantizer=quant, mask=M)
+    ref, _, ref_scale = naive_joint(W, H, 0.0, blocksize, group, fixed_mask=M)
+    assert torch.equal(mask, M) and bool((Wn[M] == 0).all()) and _on_grid(Wn, quant)
+    assert torch.allclose(quant.scale.double(), ref_scale, rtol=0.05)
+    assert ((Wn == 0) == (ref == 0)).float().mean() >= 0.99
+    assert ((Wn.double() - ref).abs() <= 0.02 * float(ref.abs().max())).float().mean() >= 0.99
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_alps_joint_grid_keeps_its_mask_and_beats_rounding_after(clip):
+    """ALPS with a group grid: the ALPS mask, every weight on its group's grid, and less error added to ALPS's
+    own than round-to-nearest after ALPS adds (the max |w| / 7 scale rule)."""
+    from sparse_export.pruning.pruners import alps, reconstruction_error
+
+    W, H = _problem(7, mixed=True)
+    plain, pmask, _ = alps(W, H, 0.5)
+    quant = GroupQuantizer(*W.shape, 4, 64, clip_search=clip)
+    Wn, mask, err = alps(W, H, 0.5, quantizer=quant)
+    assert torch.equal(mask, pmask) and bool((Wn[mask] == 0).all()) and _on_grid(Wn, quant)
+    assert err == pytest.approx(reconstruction_error(W, Wn, H))
+    s = (plain.reshape(24, -1, 64).abs().amax(dim=2) / 7).half().float().repeat_interleave(64, dim=1)
+    rounded = torch.clamp(torch.round(plain / s), -8, 7) * s
+    base = reconstruction_error(W, plain, H)                 # the pruning's own error; quantization adds to it
+    assert err - base < 0.9 * (reconstruction_error(W, rounded, H) - base)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_clip_search_picks_the_least_error_candidate(weighted):
+    """Each row's scale is the candidate (CLIP_FACTORS x max|w| / 7, float16 values) of least squared rounding
+    error (each column's weighted by its importance when given), checked by brute force; on heavy-tailed
+    weights it is often below the largest weight's."""
+    from sparse_export.pruning.grid import CLIP_FACTORS, clip_scales
+
+    torch.manual_seed(0)
+    W = torch.distributions.StudentT(3.0).sample((64, 64))
+    imp = torch.rand(64) * 4 if weighted else None
+    top = W.abs().amax(dim=1) / 7
+    got = clip_scales(W, top, 7, imp)
+    for r in range(W.shape[0]):
+        errs = []
+        for f in CLIP_FACTORS:
+            s = float(torch.tensor(float(top[r]) * f).half())
+            e = (torch.clamp(torch.round(W[r] / s), -8, 7) * s - W[r]) ** 2
+            errs.append((float((e * imp).sum() if weighted else e.sum()), s))
+        best = min(e for e, _ in errs)
+        assert float(got[r]) in [s for e, s in errs if e <= best * (1 + 1e-6)]
+    assert (got < top.half().float()).float().mean() > 0.3
+
+
+def test_clip_search_lowers_the_joint_error():
+    from sparse_export.pruning.pruners import reconstruction_error
+
+    W, H = _problem(11)
+    W = W * torch.distributions.StudentT(3.0).sample((W.shape[0], 1)).abs()
+    errs = []
+    for clip in (False, True):
+        quant = GroupQuantizer(*W.shape, 4, 32, clip_search=clip)
+        Wn, _, _ = sparsegpt(W, H, 0.5, quantizer=quant)
+        assert _on_grid(Wn, quant)
+        errs.append(reconstruction_error(W, Wn, H))
+    assert errs[1] < errs[0]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +204,8 @@ def group_dir(tiny_dirs, text_file, tmp_path_factory):
 def test_group_folder_records_the_grid_and_reads_back_exactly(group_dir):
     meta = read_meta(group_dir)
     assert meta["recipe"]["group_size"] == 32 and meta["quantization"]["group_size"] == 32
+    assert meta["recipe"]["clip_search"] is True                     # the default with a group size
+    assert Recipe(wbits=8).clip_search is False and Recipe(wbits=4, group_size=64, clip_search=False).clip_search is False
     assert meta["quantization"]["granularity"] == "per-group" and meta["quantization"]["bits"] == 4
     model, _ = models.load_model(group_dir)
     names = models.prunable_names(model)
@@ -134,6 +222,20 @@ def test_group_folder_records_the_grid_and_reads_back_exactly(group_dir):
         int_weight(W + 0.3 * s.repeat_interleave(32, dim=1), scales[name], bits=4)
     with pytest.raises(UserError, match="4-bit group-wise"):
         check_int8_grid(meta)
+
+
+def test_cli_alps_group_grid_with_clip_search(tiny_dirs, text_file, tmp_path):
+    out = tmp_path / "alps4"
+    assert main(["prune", str(tiny_dirs["llama"]), "--out", str(out), "--calib", str(text_file), "--nsamples", "4",
+                 "--seqlen", "32", "--method", "alps", "--wbits", "4", "--group-size", "32", "--clip-search",
+                 "--alps-iters", "3", "--threads", "1"]) == 0
+    meta = read_meta(out)
+    assert meta["recipe"]["clip_search"] is True and meta["quantization"]["method"] == "joint-alps"
+    model, _ = models.load_model(out)
+    for name in models.prunable_names(model):
+        W = models.weight_2d(model.get_submodule(name)).float()
+        s = torch.tensor(meta["matrices"][name]["scale"]).repeat_interleave(32, dim=1)
+        assert torch.equal(int_weight(W, meta["matrices"][name]["scale"], bits=4).float() * s, W)
 
 
 def one_line_error(code, err):

@@ -151,7 +151,7 @@ def one_line_error(code, err):
     (["--allocation", "owl", "--sparsity", "0.3", "--owl-lambda", "0.45"], "owl-lambda"),   # after the pass
     (["--allocation", "owl", "--owl-lambda", "-0.1"], "owl-lambda"),
     (["--allocation", "owls"], "allocation"),
-    (["--method", "alps", "--wbits", "8"], "wbits"),
+    (["--method", "wanda", "--wbits", "8"], "wbits"),
     (["--method", "alps", "--alps-iters", "0"], "alps-iters"),
     (["--method", "alps", "--alps-cg-iters", "-1"], "alps-cg-iters"),
 ])

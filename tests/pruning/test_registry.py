@@ -38,7 +38,7 @@ def test_joint_quantization_follows_the_attribute(monkeypatch):
 
 def test_registry_entries():
     assert set(PRUNERS) == {"sparsegpt", "wanda", "magnitude", "alps"}
-    assert PRUNERS["alps"].needs_calibration and not PRUNERS["alps"].joint_quant
+    assert PRUNERS["alps"].needs_calibration and PRUNERS["alps"].joint_quant and not PRUNERS["wanda"].joint_quant
     assert PRUNERS["sparsegpt"].shares_factor and PRUNERS["sparsegpt"].joint_quant
     assert not PRUNERS["magnitude"].needs_calibration and PRUNERS["wanda"].needs_calibration
 
