@@ -131,7 +131,6 @@ def _recipe(method, allocation, s, args):
         kw.update(calib=str(data.shared_asset(*C4)), nsamples=args.nsamples, seqlen=args.seqlen)
     if args.group_size:
         kw["group_size"] = args.group_size
-    if args.group_size:
         kw["clip_search"] = bool(getattr(args, "clip_search", False))   # explicit: the folder name says which
     try:
         return Recipe(**kw).validate()

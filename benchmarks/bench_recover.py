@@ -100,8 +100,7 @@ def main():
         return _fill(rows, args, work, wiki, save)
     for setting in args.settings.split(","):
         flags, ref_ppl = SETTINGS[setting]
-        tag = setting.replace("%", "").replace(":", "-")
-        pruned = work / f"pruned-{tag}"
+        pruned = _folder(work, "pruned", setting)
         if not pruned.exists():
             print(f"{setting}: pruning ...", flush=True)
             subprocess.run(py + ["prune", str(dense), "--out", str(pruned), "--calib", str(c4[0]),
@@ -111,11 +110,11 @@ def main():
             rows.append({"setting": setting, "mark_cpu_min": 0.0, "steps": 0, "tokens": 0, "train_cpu_s": 0.0,
                          "perplexity": _ppl(pruned, wiki), "one_shot_reference": ref_ppl})
             save()
-        ckpt = work / f"ckpt-{tag}"
+        ckpt = _folder(work, "ckpt", setting)
         for mark in marks:
             if (setting, mark) in have:
                 continue
-            out = work / f"recovered-{tag}-{mark:g}min"
+            out = _folder(work, "recovered", setting, mark)
             prog = ckpt / "progress.json"
             done_cpu = json.loads(prog.read_text())["cpu_s"] if prog.exists() else 0.0
             if done_cpu >= mark * 60:
@@ -141,12 +140,18 @@ def main():
                    "completions": rep["after"]["completions"], "perplexity": _ppl(out, wiki),
                    "sparsity": read_meta(out)["pruned_sparsity"]}
             if args.int8:
-                row["int8_onnx_perplexity"] = _int8_ppl(out, work / f"int8-{tag}-{mark:g}min", wiki)
+                row["int8_onnx_perplexity"] = _int8_ppl(out, _folder(work, "int8", setting, mark), wiki)
             rows.append(row)
             save()
             if rep["finished"]:
                 break
     save()
+
+
+def _folder(work: Path, kind: str, setting: str, mark: float | None = None) -> Path:
+    """work/<kind>-<setting>[-<mark>min]: pruned-50, ckpt-2-4, recovered-70-30min, int8-50-15min."""
+    tag = setting.replace("%", "").replace(":", "-")
+    return work / (f"{kind}-{tag}" + (f"-{mark:g}min" if mark is not None else ""))
 
 
 def _fill(rows, args, work, wiki, save) -> None:
@@ -155,8 +160,8 @@ def _fill(rows, args, work, wiki, save) -> None:
     for r in rows:
         if r["setting"] not in args.settings.split(","):
             continue
-        tag = r["setting"].replace("%", "").replace(":", "-")
-        folder = work / (f"pruned-{tag}" if r["mark_cpu_min"] == 0 else f"recovered-{tag}-{r['mark_cpu_min']:g}min")
+        mark = r["mark_cpu_min"]
+        folder = _folder(work, "pruned", r["setting"]) if mark == 0 else _folder(work, "recovered", r["setting"], mark)
         if not folder.exists():
             continue
         if r.get("sparse_cpu_perplexity") is None:
@@ -165,7 +170,7 @@ def _fill(rows, args, work, wiki, save) -> None:
             save()
         if args.int8 and r.get("int8_onnx_perplexity") is None:
             print(f"{r['setting']} @ {r['mark_cpu_min']:g}: INT8 ONNX perplexity ...", flush=True)
-            r["int8_onnx_perplexity"] = _int8_ppl(folder, work / f"int8-{tag}-{r['mark_cpu_min']:g}min", wiki)
+            r["int8_onnx_perplexity"] = _int8_ppl(folder, _folder(work, "int8", r["setting"], mark), wiki)
             save()
 
 

@@ -105,6 +105,7 @@ class BlockwiseRecovery:
         self.options = options.validate()
         self.bits = bits             # --wbits: train through the recorded grid (masks.on_grid)
         self.src = self.dst = None
+        self._target_cpu = 0.0       # CPU s of the last before(): the dense targets, counted in after()
 
     def record(self) -> dict:
         """The options that decide the result (also part of a streamed run's fingerprint)."""
@@ -186,7 +187,7 @@ class BlockwiseRecovery:
             self.src, self.dst = self.dst, self.src    # the dense outputs are the next layer's dense inputs
         return outputs, {"before": before, "after": after, "kept": kept, "steps": steps,
                          "seconds": time.perf_counter() - t0,
-                         "cpu_seconds": time.process_time() - c0 + getattr(self, "_target_cpu", 0.0)}
+                         "cpu_seconds": time.process_time() - c0 + self._target_cpu}
 
     def _train(self, i, layer, mods, hidden, kwargs, targets, device, scales=None) -> int:
         layer.to(device)
