@@ -325,6 +325,8 @@ def speed_stage(args):
     res["speed_config"]["stream_read_gbs"] = {str(t): stream_bandwidth(t) / 1e9 for t in args.threads}
     bin_dir = None
     for label, p in points.items():
+        if args.only and not any(o in label for o in args.only):
+            continue
         row = res["points"].setdefault(label, {})
         row.update(p)
         row.setdefault("tok_s", {})
@@ -343,6 +345,7 @@ def speed_stage(args):
                                        warmup=1, iterations=args.repetitions, threads=t)[0]
                 row["tok_s"][str(t)] = r["decode_tok_s"]
                 row["bytes_per_token"] = (r.get("weight_bytes") or {}).get("read")
+            row.setdefault("timed", {})[str(t)] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
             _save(res, args)
     _save(res, args)
 
@@ -585,6 +588,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--force", action="store_true", help="time again the points that have a speed")
+    p.add_argument("--only", nargs="+", help="time only the points whose label contains one of these")
     p.set_defaults(func=speed_stage)
     p = sub.add_parser("plot", help="table and plot from the results JSON")
     p.add_argument("--shape", choices=SHAPES)

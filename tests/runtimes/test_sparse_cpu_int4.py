@@ -85,6 +85,22 @@ def test_pack4_round_trip(shape, sparsity):
             assert p.values.shape == (out, 32 * p.words)
 
 
+@pytest.mark.parametrize("n_in", [128, 320, 64])
+def test_dense_int4_layout_splits_each_128_columns_into_low_and_high_nibbles(n_in):
+    """The dense layout the kernel reads: per 128 columns a 64-byte block, byte k = column k (low nibble) and
+    64 + k (high); an odd last word a 32-byte block, byte k = its column k (low) and 32 + k (high)."""
+    rng = np.random.default_rng(n_in)
+    q = rng.integers(-8, 8, (3, n_in)).astype(np.int8)
+    v = pack4(q, np.ones((3, 1), np.float32), dense=True).values
+    u = q.astype(np.int16) + 8
+    for r in range(3):
+        for c in range(n_in):
+            blk, j = divmod(c, 128)
+            span = 64 if 128 * blk + 128 <= 64 * (-(-n_in // 64)) else 32
+            byte = v[r, 64 * blk + j % span]
+            assert (byte >> 4 if j >= span else byte & 15) == u[r, c], (r, c)
+
+
 def test_pack4_refuses_what_it_cannot_hold():
     rng = np.random.default_rng(0)
     q = _int4(rng, 4, 128, 0.5)

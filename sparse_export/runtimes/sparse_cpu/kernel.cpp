@@ -36,6 +36,9 @@ namespace {
 constexpr int MAX_TOKENS = 8;  // tokens per pass over a row's weights
 constexpr int GROUP = 4;       // rows per work item
 constexpr int PREFETCH_BYTES = 256;  // how far ahead in a row's packed values to prefetch
+#ifndef DENSE_PREFETCH
+#define DENSE_PREFETCH 512             // the same for the dense layouts (0: none)
+#endif
 
 // One packed Linear (field order mirrors kernel.py's _Layer).
 struct Layer {
@@ -59,6 +62,10 @@ struct Acts {
   int64_t stride;
   const float* scale;
   const int32_t* zp;
+  // dense int4 on the fast path only: per token, per unit (a word when groups are 32 columns, else a group)
+  // and lane, 8 * (zp * columns - sum xq) over the lane's columns of the unit (int4 section below)
+  const int32_t* k4 = nullptr;
+  int64_t k4_stride = 0;  // int32s per token
 };
 
 bool cpu_has_fast() {
@@ -185,6 +192,7 @@ __attribute__((target(FAST_TARGET))) void rows_dense(const Layer& L, const Acts&
     for (int b = 0; b < B; ++b) x[b] = _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
+      if (DENSE_PREFETCH) _mm_prefetch((const char*)(p[r] + 64 * w + DENSE_PREFETCH), _MM_HINT_T0);
       __m512i wv = _mm512_loadu_si512((const void*)(p[r] + 64 * w));
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) sum[b * R + r] = _mm512_dpbusd_epi32(sum[b * R + r], x[b], wv);
@@ -233,7 +241,7 @@ void finish(const Layer& L, const Acts& a, int64_t t0, int nb, int64_t r, const 
 template <int B, bool DENSE>
 __attribute__((target(FAST_TARGET))) void group_fast(const Layer& L, const Acts& a, int64_t t0, int64_t r0,
                                                      int64_t r1, float* y, int32_t* ints) {
-  constexpr int R = B == 1 ? 4 : B < 4 ? 2 : 1;  // dense: B*R >= 4 accumulators where it fits
+  constexpr int R = B <= 4 ? 4 : 2;  // dense: B x-vectors + B*R accumulators within the 32 registers
   int32_t acc[B * R];
   int64_t r = r0;
   if (DENSE) {
@@ -259,6 +267,8 @@ __attribute__((target(FAST_TARGET))) void group_fast(const Layer& L, const Acts&
 // row sums); each lane keeps its own float sum, f[l] += gscale * (float)v, group after group (groups of 32:
 // word after word, lanes 0-7 in the word's first group, 8-15 in its second); then the 16 lane sums are added
 // pairwise (sum16) and y = xscale * f (+ bias). Both code paths add the same floats in the same order.
+// The dense fast path multiplies the stored offsets u = q + 8 as they are (two instructions a word) and gets the
+// same integers v by adding, per unit and lane, 8 * (zp * columns - sum xq), computed once per call (Acts.k4).
 
 // float16 bits -> float (exact; the scales are positive, finite)
 inline __attribute__((always_inline)) float half_to_float(uint16_t h) {
@@ -288,15 +298,32 @@ inline __attribute__((always_inline)) float group_scale(const Layer& L, const ui
 // 32 bytes of nibble pairs -> 64 int8 weights (byte k: weights 2k, 2k+1 from its low, high nibble)
 __attribute__((target(FAST_TARGET), always_inline)) inline __m512i nibbles_fast(const uint8_t* p) {
   __m512i t = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i*)p));
-  t = _mm512_and_si512(_mm512_or_si512(t, _mm512_slli_epi16(t, 4)), _mm512_set1_epi16(0x0F0F));
+  t = _mm512_ternarylogic_epi32(t, _mm512_slli_epi16(t, 4), _mm512_set1_epi16(0x0F0F), 0xA8);  // (t | t<<4) & 0x0F0F
   return _mm512_sub_epi8(t, _mm512_set1_epi8(8));
 }
 
-// word w of row r as 64 int8 weights in column order; p walks the packed stream (sparse)
+// Dense layout, word w of a row (`words` words) as its 64 offset weights u = q + 8 in [0, 15], column order:
+// a pair of words is one 64-byte block (byte k: column k of the first word low, of the second high); an odd
+// last word is a 32-byte block (byte k: its column k low, column 32 + k high). Two or three instructions a
+// word, no subtraction: the kernel takes the offset out per group (Acts.k4).
+__attribute__((target(FAST_TARGET), always_inline)) inline __m512i dense4_word(const uint8_t* row, int64_t w,
+                                                                               int64_t words) {
+  if (w < (words & ~int64_t(1))) {
+    if (!(w & 1)) _mm_prefetch((const char*)(row + 64 * (w >> 1) + DENSE_PREFETCH), _MM_HINT_T0);
+    __m512i blk = _mm512_loadu_si512((const void*)(row + 64 * (w >> 1)));
+    if (w & 1) blk = _mm512_srli_epi16(blk, 4);
+    return _mm512_and_si512(blk, _mm512_set1_epi8(0x0F));
+  }
+  const __m256i h = _mm256_loadu_si256((const __m256i*)(row + 64 * (w >> 1))), l4 = _mm256_set1_epi8(0x0F);
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(h, l4)),
+                            _mm256_and_si256(_mm256_srli_epi16(h, 4), l4), 1);
+}
+
+// word w of row r as 64 int8 weights in column order (dense: offset by +8); p walks the packed stream (sparse)
 template <bool DENSE>
 __attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(const uint64_t* m, const uint8_t*& p,
-                                                                              int64_t w) {
-  if (DENSE) return nibbles_fast(p + 32 * w);
+                                                                              int64_t w, int64_t words) {
+  if (DENSE) return dense4_word(p, w, words);
   _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
   uint64_t bits = m[w];
   __m512i wv = _mm512_maskz_expand_epi8(bits, nibbles_fast(p));  // vpexpandb: nonzeros -> their lanes
@@ -304,27 +331,41 @@ __attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(co
   return wv;
 }
 
-// lane sums += scale * (float)(acc - zp * rs), and the integers into tot
-template <int B>
+// lane sums += scale * (float)(acc - zp * rs [+ k4 of the unit: dense, whose weights are offset]), and the
+// integers into tot
+template <int B, bool DENSE, bool INTS>
 __attribute__((target(FAST_TARGET), always_inline)) inline void fold4(__m512 sv, const __m512i (&acc)[B], __m512i rs,
-                                                                      const __m512i (&zp)[B], __m512 (&fl)[B],
+                                                                      const __m512i (&zp)[B], const int32_t* k4,
+                                                                      int64_t k4_stride, __m512 (&fl)[B],
                                                                       __m512i (&tot)[B]) {
 #pragma GCC unroll 8
   for (int b = 0; b < B; ++b) {
     __m512i v = _mm512_sub_epi32(acc[b], _mm512_mullo_epi32(zp[b], rs));
+    if (DENSE) v = _mm512_add_epi32(v, _mm512_load_si512((const void*)(k4 + b * k4_stride)));
     fl[b] = _mm512_add_ps(fl[b], _mm512_mul_ps(sv, _mm512_cvtepi32_ps(v)));
-    tot[b] = _mm512_add_epi32(tot[b], v);
+    if (INTS) tot[b] = _mm512_add_epi32(tot[b], v);
   }
 }
 
+// The row's group scales as floats (sc[groups], sc[groups + 1]: 0, the padded half of a last word), so each
+// group broadcasts its scale from memory (a load, not a vector instruction).
+__attribute__((target(FAST_TARGET))) inline void row_scales(const Layer& L, const uint16_t* gs, float* sc) {
+  int64_t g = 0;
+  for (; g + 16 <= L.groups; g += 16)
+    _mm512_storeu_ps(sc + g, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)(gs + g))));
+  for (; g < L.groups; ++g) sc[g] = half_to_float(gs[g]);
+  sc[L.groups] = sc[L.groups + 1] = 0.f;
+}
+
 // One row x B tokens on the fast path: f[b] (the row's float sum) and itot[b] (its integers' sum).
-template <int B, bool DENSE>
+template <int B, bool DENSE, bool INTS>
 __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& a, int64_t t0, int64_t r, float* f,
-                                                    int32_t* itot) {
+                                                    int32_t* itot, float* sc) {
   const uint8_t* p = (const uint8_t*)L.values + (DENSE ? r * 32 * L.words : L.offsets[r]);
   const uint64_t* m = DENSE ? nullptr : L.mask + r * L.words;
-  const uint16_t* gs = L.gscale + r * L.groups;
+  row_scales(L, L.gscale + r * L.groups, sc);
   const uint8_t* xq = a.q + t0 * a.stride;
+  const int32_t* k4 = DENSE ? a.k4 + t0 * a.k4_stride : nullptr;
   const __m512i ones = _mm512_set1_epi8(1), zero = _mm512_setzero_si512();
   __m512i zp[B], tot[B], acc[B];
   __m512 fl[B];
@@ -332,14 +373,57 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
   for (int b = 0; b < B; ++b) zp[b] = _mm512_set1_epi32(a.zp[t0 + b]), tot[b] = zero, fl[b] = _mm512_setzero_ps();
   if (L.gsize == 32) {  // two groups per word: lanes 0-7 and 8-15
     for (int64_t w = 0; w < L.words; ++w) {
-      __m512i wv = word4_fast<DENSE>(m, p, w);
+      __m512i wv = word4_fast<DENSE>(m, p, w, L.words);
       __m512i rs = _mm512_dpbusd_epi32(zero, ones, wv);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b)
         acc[b] = _mm512_dpbusd_epi32(zero, _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
-      __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(group_scale(L, gs, 2 * w)),
-                                       _mm512_set1_ps(group_scale(L, gs, 2 * w + 1)));
-      fold4<B>(sv, acc, rs, zp, fl, tot);
+      __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[2 * w]), _mm512_set1_ps(sc[2 * w + 1]));
+      fold4<B, DENSE, INTS>(sv, acc, rs, zp, DENSE ? k4 + 16 * w : k4, a.k4_stride, fl, tot);
+    }
+  } else if (L.gsize == 64 || L.gsize == 128) {
+    // the common group sizes, unrolled by pairs of words: a dense 64-byte block holds two words, loaded once
+    // and split without branches; a group is one word (64) or both (128)
+    const int64_t full = DENSE ? (L.words & ~int64_t(1)) : L.words, gw = L.gsize / 64;
+    auto x = [&](int b, int64_t w) __attribute__((target(FAST_TARGET), always_inline)) { return _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)); };
+    auto fold = [&](int64_t g, const __m512i& rs, const __m512i (&acc)[B])
+                    __attribute__((target(FAST_TARGET), always_inline)) {
+      fold4<B, DENSE, INTS>(_mm512_set1_ps(sc[g]), acc, rs, zp, DENSE ? k4 + 16 * g : k4, a.k4_stride, fl, tot);
+    };
+    int64_t w = 0;
+    for (; w + 2 <= full; w += 2) {
+      __m512i u0, u1;
+      if (DENSE) {
+        const uint8_t* blk = p + 32 * w;
+        _mm_prefetch((const char*)(blk + DENSE_PREFETCH), _MM_HINT_T0);
+        __m512i v = _mm512_loadu_si512((const void*)blk);
+        u0 = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
+        u1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
+      } else {
+        u0 = word4_fast<false>(m, p, w, L.words);
+        u1 = word4_fast<false>(m, p, w + 1, L.words);
+      }
+      if (gw == 2) {
+        __m512i rs = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ones, u0), ones, u1);
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, x(b, w), u0), x(b, w + 1), u1);
+        fold(w / 2, rs, acc);
+      } else {
+        __m512i rs0 = _mm512_dpbusd_epi32(zero, ones, u0), rs1 = _mm512_dpbusd_epi32(zero, ones, u1), acc1[B];
+#pragma GCC unroll 8
+        for (int b = 0; b < B; ++b) {
+          acc[b] = _mm512_dpbusd_epi32(zero, x(b, w), u0);
+          acc1[b] = _mm512_dpbusd_epi32(zero, x(b, w + 1), u1);
+        }
+        fold(w, rs0, acc);
+        fold(w + 1, rs1, acc1);
+      }
+    }
+    if (w < L.words) {  // an odd last word: a group of its own
+      __m512i u = word4_fast<DENSE>(m, p, w, L.words), rs = _mm512_dpbusd_epi32(zero, ones, u);
+#pragma GCC unroll 8
+      for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbusd_epi32(zero, x(b, w), u);
+      fold(w / gw, rs, acc);
     }
   } else {
     const int64_t per = L.gsize / 64;  // words per group
@@ -348,13 +432,14 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) acc[b] = zero;
       for (int64_t w = g * per, w1 = std::min(L.words, (g + 1) * per); w < w1; ++w) {
-        __m512i wv = word4_fast<DENSE>(m, p, w);
+        __m512i wv = word4_fast<DENSE>(m, p, w, L.words);
         rs = _mm512_dpbusd_epi32(rs, ones, wv);
 #pragma GCC unroll 8
         for (int b = 0; b < B; ++b)
           acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
       }
-      fold4<B>(_mm512_set1_ps(half_to_float(gs[g])), acc, rs, zp, fl, tot);
+      fold4<B, DENSE, INTS>(_mm512_set1_ps(sc[g]), acc, rs, zp, DENSE ? k4 + 16 * g : k4,
+                      a.k4_stride, fl, tot);
     }
   }
   alignas(64) float part[16];
@@ -362,7 +447,7 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
   for (int b = 0; b < B; ++b) {
     _mm512_store_ps(part, fl[b]);
     f[b] = sum16(part);
-    itot[b] = _mm512_reduce_add_epi32(tot[b]);
+    if (INTS) itot[b] = _mm512_reduce_add_epi32(tot[b]);
   }
 }
 
@@ -383,8 +468,13 @@ __attribute__((target(FAST_TARGET))) void group4_fast(const Layer& L, const Acts
                                                       int64_t r1, float* y, int32_t* ints) {
   float f[B];
   int32_t tot[B];
+  thread_local std::vector<float> sc;
+  if ((int64_t)sc.size() < L.groups + 2) sc.resize(L.groups + 2);
   for (int64_t r = r0; r < r1; ++r) {
-    row4_fast<B, DENSE>(L, a, t0, r, f, tot);
+    if (ints)
+      row4_fast<B, DENSE, true>(L, a, t0, r, f, tot, sc.data());
+    else
+      row4_fast<B, DENSE, false>(L, a, t0, r, f, tot, sc.data());
     finish4(L, a, t0, B, r, f, tot, y, ints);
   }
 }
@@ -416,7 +506,11 @@ void group4_scalar(int nb, const Layer& L, const Acts& a, int64_t t0, int64_t r0
   for (int64_t r = r0; r < r1; ++r) {
     if (DENSE) {
       const uint8_t* p = (const uint8_t*)L.values + r * 32 * L.words;
-      for (int64_t k = 0; k < n; ++k) w[k] = (int8_t)(((p[k >> 1] >> (4 * (k & 1))) & 15) - 8);
+      for (int64_t k = 0; k < n; ++k) {  // dense4_word's layout: blocks of 128 columns (an odd last word: 64)
+        int64_t blk = k >> 7, span = 128 * blk + 128 <= n ? 64 : 32, j = k - 128 * blk;
+        int nib = (p[64 * blk + j % span] >> (j >= span ? 4 : 0)) & 15;
+        w[k] = (int8_t)(nib - 8);
+      }
     } else {
       const uint8_t* p = (const uint8_t*)L.values + L.offsets[r];
       std::fill(w.begin(), w.end(), 0);
@@ -666,6 +760,23 @@ struct ReadJob {  // part t of `threads` equal parts (multiples of 256 bytes; th
   }
 };
 
+// Acts.k4 of a dense int4 layer: per token t, unit u and lane l, 8 * (zp * columns - sum of xq) over the lane's
+// columns of the unit's words (4 per word), so that acc(xq, q + 8) - zp * sum(q + 8) + k4 = sum (xq - zp) * q.
+void dense4_terms(const Layer& L, const Acts& a, int64_t n, int32_t* k4) {
+  const int64_t per = L.gsize == 32 ? 1 : L.gsize / 64, units = L.gsize == 32 ? L.words : L.groups;
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t u = 0; u < units; ++u) {
+      int32_t* k = k4 + t * a.k4_stride + 16 * u;
+      const int64_t w0 = u * per, w1 = std::min(L.words, w0 + per);
+      for (int l = 0; l < 16; ++l) {
+        int32_t x = 0;
+        for (int64_t w = w0; w < w1; ++w)
+          for (int j = 0; j < 4; ++j) x += a.q[t * a.stride + 64 * w + 4 * l + j];
+        k[l] = 8 * (a.zp[t] * 4 * (int32_t)(w1 - w0) - x);
+      }
+    }
+}
+
 // The layer applied to n rows of x: quantize each row, then the integer matmul.
 int apply(const Layer& L, const float* x, int64_t n, float* y, int32_t* ints, int threads, bool fast) {
   int64_t stride = 64 * L.words;
@@ -679,11 +790,22 @@ int apply(const Layer& L, const float* x, int64_t n, float* y, int32_t* ints, in
   QuantizeJob qj{x, L.in, stride, q, scale, zp, fast};
   pool().run(n > 8 ? threads : 1, n, &QuantizeJob::chunk, &qj);
   Acts a{q, stride, scale, zp};
+  int32_t* k4 = nullptr;
+  if (L.bits == 4 && !L.mask && fast) {
+    a.k4_stride = 16 * (L.gsize == 32 ? L.words : L.groups);
+    k4 = (int32_t*)std::aligned_alloc(64, n * a.k4_stride * sizeof(int32_t));
+    if (!k4) {
+      std::free(q), std::free(scale), std::free(zp);
+      return -2;
+    }
+    dense4_terms(L, a, n, k4);
+    a.k4 = k4;
+  }
   if (L.mask)
     linear<false>(L, a, n, y, ints, threads, fast);
   else
     linear<true>(L, a, n, y, ints, threads, fast);
-  std::free(q), std::free(scale), std::free(zp);
+  std::free(q), std::free(scale), std::free(zp), std::free(k4);
   return 0;
 }
 
@@ -922,7 +1044,7 @@ const bool HAS_FAST = cpu_has_fast();
 extern "C" {
 
 // Bumped whenever the Layer struct or a signature changes: kernel.py refuses a stale build.
-int sc_abi_version(void) { return 8; }
+int sc_abi_version(void) { return 9; }
 
 // 1 when the AVX-512 VBMI2 + VNNI path can run on this CPU.
 int sc_has_fast(void) { return HAS_FAST ? 1 : 0; }

@@ -16,7 +16,7 @@ import torch
 from ...errors import UserError
 from .packed import PackedLinear
 
-ABI_VERSION = 8   # kernel.cpp's sc_abi_version(): a library built from another source is refused
+ABI_VERSION = 9   # kernel.cpp's sc_abi_version(): a library built from another source is refused
 PATHS = {"auto": 0, "scalar": 1, "avx512": 2}
 PATH_ENV = "SPARSE_EXPORT_CPU_KERNEL"
 _MODULE = "sparse_export.runtimes.sparse_cpu._kernel"

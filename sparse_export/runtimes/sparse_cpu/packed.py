@@ -12,14 +12,16 @@ float32 [out], bias float32 [out] or None. Columns past `in` (padding) are zero:
 
 Int4 (bits=4; weights q in [-8, 7] on a grid with one scale per row and group of `group_size` columns:
 W = gscale[r, g] * q[r, k], g = k // group_size). Nibbles hold q + 8 (offset binary), two per byte: the
-first weight of a pair in the low nibble, the second in the high one.
+first weight of a pair in the low nibble, the second in the high one (sparse; the dense layout below differs).
 
   bitmask  mask    uint64 [out, words]   as int8
            values  uint8 [bytes + 32]    per row, per mask word: its nonzeros' nibbles in column order,
                                          ceil(popcount / 2) bytes (an odd count leaves the last high
                                          nibble unused), so each word starts on a byte; 32 bytes slack
            offsets int64 [out + 1]       where each row's bytes start in values
-  dense    values  uint8 [out, 32*words] every weight, columns 2k and 2k+1 of a row in byte k (padding: q=0)
+  dense    values  uint8 [out, 32*words] every weight: per 128 columns of a row a 64-byte block, byte k
+                                         holding column k (low nibble) and 64 + k (high); an odd last
+                                         64-column word a 32-byte block (columns k and 32 + k); padding q=0
 
 and in both: gscale float16 [out, groups] (groups * group_size >= in; the group scales the pruner made are
 float16 values, so this is exact), bias float32 [out] or None; no rowsum (the kernel sums each group's
@@ -142,8 +144,7 @@ def pack4(q: np.ndarray, gscale, bias=None, dense: bool = False) -> PackedLinear
     nib = (padded.astype(np.int16) + 8).astype(np.uint8)
     common = dict(bits=4, group_size=group_size, gscale=np.ascontiguousarray(gscale.astype(np.float16)))
     if dense:
-        values = nib[:, 0::2] | (nib[:, 1::2] << 4)
-        return PackedLinear(out, n_in, np.ascontiguousarray(values), None, None, bias, **common)
+        return PackedLinear(out, n_in, _split_nibbles(nib), None, None, bias, **common)
     nonzero = padded != 0
     mask = np.packbits(nonzero, axis=1, bitorder="little").view("<u8").reshape(out, words)
     count = nonzero.reshape(out * words, WORD).sum(axis=1)              # nonzeros per (row, word)
@@ -161,11 +162,36 @@ def pack4(q: np.ndarray, gscale, bias=None, dense: bool = False) -> PackedLinear
     return PackedLinear(out, n_in, values, None, None, bias, np.ascontiguousarray(mask), offsets, **common)
 
 
+def _split_nibbles(nib: np.ndarray) -> np.ndarray:
+    """Dense int4 rows [out, 64 * words] of nibbles -> bytes [out, 32 * words]: each 128 columns a 64-byte
+    block, byte k holding column k (low nibble) and column 64 + k (high); an odd last word a 32-byte block,
+    byte k holding its column k (low) and 32 + k (high). The kernel expands a word with one mask (and a shift)."""
+    out, cols = nib.shape
+    pairs = cols // 128
+    body = nib[:, :128 * pairs].reshape(out, pairs, 2, 64)
+    parts = [(body[:, :, 0] | (body[:, :, 1] << 4)).reshape(out, -1)]
+    if cols % 128:
+        tail = nib[:, 128 * pairs:].reshape(out, 2, 32)
+        parts.append(tail[:, 0] | (tail[:, 1] << 4))
+    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+
+
+def _join_nibbles(values: np.ndarray) -> np.ndarray:
+    """_split_nibbles undone: bytes [out, 32 * words] -> nibbles [out, 64 * words]."""
+    out, nbytes = values.shape
+    pairs = nbytes // 64
+    body = values[:, :64 * pairs].reshape(out, pairs, 1, 64)
+    parts = [np.concatenate([body & 15, body >> 4], axis=2).reshape(out, -1)]
+    if nbytes % 64:
+        tail = values[:, 64 * pairs:]
+        parts.append(np.concatenate([tail & 15, tail >> 4], axis=1))
+    return np.concatenate(parts, axis=1)
+
+
 def _unpack4(p: PackedLinear) -> np.ndarray:
     out, words = p.out_features, p.words
     if p.dense:
-        nib = np.empty((out, WORD * words), np.uint8)
-        nib[:, 0::2], nib[:, 1::2] = p.values & 15, p.values >> 4
+        nib = _join_nibbles(p.values)
         return (nib.astype(np.int16) - 8).astype(np.int8)[:, :p.in_features]
     bits = np.unpackbits(p.mask.view(np.uint8), axis=1, bitorder="little").astype(bool)
     count = bits.reshape(out * words, WORD).sum(axis=1)
