@@ -36,9 +36,7 @@ namespace {
 constexpr int MAX_TOKENS = 8;  // tokens per pass over a row's weights
 constexpr int GROUP = 4;       // rows per work item
 constexpr int PREFETCH_BYTES = 256;  // how far ahead in a row's packed values to prefetch
-#ifndef DENSE_PREFETCH
-#define DENSE_PREFETCH 512             // the same for the dense layouts (0: none)
-#endif
+constexpr int DENSE_PREFETCH = 512;  // the same for the dense layouts
 
 // One packed Linear (field order mirrors kernel.py's _Layer).
 struct Layer {
@@ -192,7 +190,7 @@ __attribute__((target(FAST_TARGET))) void rows_dense(const Layer& L, const Acts&
     for (int b = 0; b < B; ++b) x[b] = _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      if (DENSE_PREFETCH) _mm_prefetch((const char*)(p[r] + 64 * w + DENSE_PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(p[r] + 64 * w + DENSE_PREFETCH), _MM_HINT_T0);
       __m512i wv = _mm512_loadu_si512((const void*)(p[r] + 64 * w));
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) sum[b * R + r] = _mm512_dpbusd_epi32(sum[b * R + r], x[b], wv);
@@ -371,25 +369,26 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
   __m512 fl[B];
 #pragma GCC unroll 8
   for (int b = 0; b < B; ++b) zp[b] = _mm512_set1_epi32(a.zp[t0 + b]), tot[b] = zero, fl[b] = _mm512_setzero_ps();
+  // token b's activations of word w; the sums of unit u (a word for groups of 32, else a group) into fl/tot
+  auto x = [&](int b, int64_t w) __attribute__((target(FAST_TARGET), always_inline)) {
+    return _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w));
+  };
+  auto fold = [&](__m512 sv, int64_t u, const __m512i& rs, const __m512i (&acc)[B])
+                  __attribute__((target(FAST_TARGET), always_inline)) {
+    fold4<B, DENSE, INTS>(sv, acc, rs, zp, DENSE ? k4 + 16 * u : k4, a.k4_stride, fl, tot);
+  };
   if (L.gsize == 32) {  // two groups per word: lanes 0-7 and 8-15
     for (int64_t w = 0; w < L.words; ++w) {
       __m512i wv = word4_fast<DENSE>(m, p, w, L.words);
       __m512i rs = _mm512_dpbusd_epi32(zero, ones, wv);
 #pragma GCC unroll 8
-      for (int b = 0; b < B; ++b)
-        acc[b] = _mm512_dpbusd_epi32(zero, _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
-      __m512 sv = _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[2 * w]), _mm512_set1_ps(sc[2 * w + 1]));
-      fold4<B, DENSE, INTS>(sv, acc, rs, zp, DENSE ? k4 + 16 * w : k4, a.k4_stride, fl, tot);
+      for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbusd_epi32(zero, x(b, w), wv);
+      fold(_mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(sc[2 * w]), _mm512_set1_ps(sc[2 * w + 1])), w, rs, acc);
     }
   } else if (L.gsize == 64 || L.gsize == 128) {
     // the common group sizes, unrolled by pairs of words: a dense 64-byte block holds two words, loaded once
     // and split without branches; a group is one word (64) or both (128)
     const int64_t full = DENSE ? (L.words & ~int64_t(1)) : L.words, gw = L.gsize / 64;
-    auto x = [&](int b, int64_t w) __attribute__((target(FAST_TARGET), always_inline)) { return _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)); };
-    auto fold = [&](int64_t g, const __m512i& rs, const __m512i (&acc)[B])
-                    __attribute__((target(FAST_TARGET), always_inline)) {
-      fold4<B, DENSE, INTS>(_mm512_set1_ps(sc[g]), acc, rs, zp, DENSE ? k4 + 16 * g : k4, a.k4_stride, fl, tot);
-    };
     int64_t w = 0;
     for (; w + 2 <= full; w += 2) {
       __m512i u0, u1;
@@ -407,7 +406,7 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
         __m512i rs = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, ones, u0), ones, u1);
 #pragma GCC unroll 8
         for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, x(b, w), u0), x(b, w + 1), u1);
-        fold(w / 2, rs, acc);
+        fold(_mm512_set1_ps(sc[w / 2]), w / 2, rs, acc);
       } else {
         __m512i rs0 = _mm512_dpbusd_epi32(zero, ones, u0), rs1 = _mm512_dpbusd_epi32(zero, ones, u1), acc1[B];
 #pragma GCC unroll 8
@@ -415,15 +414,15 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
           acc[b] = _mm512_dpbusd_epi32(zero, x(b, w), u0);
           acc1[b] = _mm512_dpbusd_epi32(zero, x(b, w + 1), u1);
         }
-        fold(w, rs0, acc);
-        fold(w + 1, rs1, acc1);
+        fold(_mm512_set1_ps(sc[w]), w, rs0, acc);
+        fold(_mm512_set1_ps(sc[w + 1]), w + 1, rs1, acc1);
       }
     }
     if (w < L.words) {  // an odd last word: a group of its own
       __m512i u = word4_fast<DENSE>(m, p, w, L.words), rs = _mm512_dpbusd_epi32(zero, ones, u);
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbusd_epi32(zero, x(b, w), u);
-      fold(w / gw, rs, acc);
+      fold(_mm512_set1_ps(sc[w / gw]), w / gw, rs, acc);
     }
   } else {
     const int64_t per = L.gsize / 64;  // words per group
@@ -435,11 +434,9 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
         __m512i wv = word4_fast<DENSE>(m, p, w, L.words);
         rs = _mm512_dpbusd_epi32(rs, ones, wv);
 #pragma GCC unroll 8
-        for (int b = 0; b < B; ++b)
-          acc[b] = _mm512_dpbusd_epi32(acc[b], _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w)), wv);
+        for (int b = 0; b < B; ++b) acc[b] = _mm512_dpbusd_epi32(acc[b], x(b, w), wv);
       }
-      fold4<B, DENSE, INTS>(_mm512_set1_ps(sc[g]), acc, rs, zp, DENSE ? k4 + 16 * g : k4,
-                      a.k4_stride, fl, tot);
+      fold(_mm512_set1_ps(sc[g]), g, rs, acc);
     }
   }
   alignas(64) float part[16];

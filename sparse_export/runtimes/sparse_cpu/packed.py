@@ -167,25 +167,18 @@ def _split_nibbles(nib: np.ndarray) -> np.ndarray:
     block, byte k holding column k (low nibble) and column 64 + k (high); an odd last word a 32-byte block,
     byte k holding its column k (low) and 32 + k (high). The kernel expands a word with one mask (and a shift)."""
     out, cols = nib.shape
-    pairs = cols // 128
-    body = nib[:, :128 * pairs].reshape(out, pairs, 2, 64)
-    parts = [(body[:, :, 0] | (body[:, :, 1] << 4)).reshape(out, -1)]
-    if cols % 128:
-        tail = nib[:, 128 * pairs:].reshape(out, 2, 32)
-        parts.append(tail[:, 0] | (tail[:, 1] << 4))
-    return np.ascontiguousarray(np.concatenate(parts, axis=1))
+    cut = cols // 128 * 128
+    blocks = [nib[:, :cut].reshape(out, -1, 2, 64), nib[:, cut:].reshape(out, -1, 2, 32)]   # + an odd last word
+    return np.ascontiguousarray(np.concatenate([(b[:, :, 0] | (b[:, :, 1] << 4)).reshape(out, -1) for b in blocks],
+                                               axis=1))
 
 
 def _join_nibbles(values: np.ndarray) -> np.ndarray:
     """_split_nibbles undone: bytes [out, 32 * words] -> nibbles [out, 64 * words]."""
     out, nbytes = values.shape
-    pairs = nbytes // 64
-    body = values[:, :64 * pairs].reshape(out, pairs, 1, 64)
-    parts = [np.concatenate([body & 15, body >> 4], axis=2).reshape(out, -1)]
-    if nbytes % 64:
-        tail = values[:, 64 * pairs:]
-        parts.append(np.concatenate([tail & 15, tail >> 4], axis=1))
-    return np.concatenate(parts, axis=1)
+    cut = nbytes // 64 * 64
+    blocks = [values[:, :cut].reshape(out, -1, 1, 64), values[:, cut:].reshape(out, -1, 1, 32)]
+    return np.concatenate([np.concatenate([b & 15, b >> 4], axis=2).reshape(out, -1) for b in blocks], axis=1)
 
 
 def _unpack4(p: PackedLinear) -> np.ndarray:
