@@ -10,10 +10,13 @@ children, sampled every 50 ms). Every level starts a fresh server with as many s
   python benchmarks/bench_serve.py load --name tinyllama-1.1b --model dense=/w/dense --model s70=/w/s70 \
       --llama-server /path/llama.cpp/build/bin/llama-server --gguf-from /w/dense
   python benchmarks/bench_serve.py soak --model /w/s70 --requests 1000 --concurrency 16 --kv-budget 1
+  # the batched decode step itself, no HTTP: batch 1 and 8 over caches of 320 tokens, split into the int8
+  # matmuls, the rest of the native step (attention, norms, rotary) and Python
+  python benchmarks/bench_serve.py step --name tinyllama-1.1b --model dense=/w/dense --model s70=/w/s70
   python benchmarks/bench_serve.py load --name smoke --model dense=/w/tiny --levels 1,2 --requests 4 \
       --prompt-tokens 16 --new-tokens 8 --no-single-stream --out /tmp/smoke      # a smoke run
 
-Results: benchmarks/results/serve-<name>.{json,md,png} (soak: serve-soak-<name>.*). The single-stream row
+Results: benchmarks/results/serve-<name>.{json,md,png} (soak: serve-soak-<name>.*, step: serve-step-<name>.*). The single-stream row
 compares the server at concurrency 1 with `sparse-export benchmark --mode generate` on the same folder.
 Run it on a quiet machine: the numbers are wall-clock rates.
 """
@@ -340,6 +343,9 @@ def summarize(rows, single) -> dict:
         if 1 in by and 8 in by and by[1]["decode_tok_s_per_stream"] and by[8]["aggregate_tok_s"]:
             out[f"{engine} {model}: aggregate tok/s at 8 / single-stream decode tok/s"] = round(
                 by[8]["aggregate_tok_s"] / by[1]["decode_tok_s_per_stream"], 2)
+        if 1 in by and 8 in by and by[1]["itl_ms_p50"] and by[8]["itl_ms_p50"]:   # decode steps alone
+            out[f"{engine} {model}: 8 streams' decode rate / one stream's (8 x ITL p50 at 1 / ITL p50 at 8)"] = round(
+                8 * by[1]["itl_ms_p50"] / by[8]["itl_ms_p50"], 2)
     for model, s in single.items():
         r1 = next((r for r in rows if r["model"] == model and r["concurrency"] == 1 and r["engine"].startswith("sparse")), None)
         if r1 and r1["decode_tok_s_per_stream"]:
@@ -361,6 +367,10 @@ def load_cmd(args):
         earlier = json.loads((Path(args.out) / f"serve-{args.name}.json").read_text())
         rows = [r for r in earlier["rows"] if r["engine"] != "llama-server"]
         single = earlier.get("single_stream", {})
+    llama_rows = []
+    if args.keep_llama:        # the other way round: time ours again, keep llama-server's rows
+        earlier = json.loads((Path(args.out) / f"serve-{args.name}.json").read_text())
+        llama_rows = [r for r in earlier["rows"] if r["engine"] == "llama-server"]
     for model, folder in ([] if args.llama_only else folders.items()):
         runtime = "sparse-cpu-dense" if model == "dense" else "sparse-cpu"
         for c in levels:
@@ -374,6 +384,7 @@ def load_cmd(args):
             for c in levels:
                 rows.append(run_level(lambda s, p=path: llama(args.llama_server, p, s, args.threads, context),
                                       "llama-server", t, c, args, vocab))
+    rows += llama_rows
     config = {"name": args.name, "models": folders, "levels": levels, "prompt_tokens": args.prompt_tokens,
               "new_tokens": args.new_tokens, "requests_per_level": args.requests or "2 x clients", "threads":
               args.threads or "all", "cpu": cpu_name(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
@@ -419,6 +430,84 @@ def soak_cmd(args):
     print(json.dumps(summary))
 
 
+def step_cmd(args):
+    """The batched decode step alone: BatchSession's native call at each batch size over caches holding
+    --cache-tokens random keys and values (what attention costs does not depend on their values)."""
+    import torch
+
+    from sparse_export.outputs import cpu_name, library_versions, write_json
+    from sparse_export.runtimes.sparse_cpu import decoder as dec
+    from sparse_export.runtimes.sparse_cpu.kernel import KernelClock
+    from sparse_export.runtimes.sparse_cpu.session import DecodeSession
+
+    native = [0.0]
+    call = dec.decode_batch
+
+    def timed(*a, **k):               # the native call's wall time (the rest of step_batch is Python)
+        t = time.perf_counter()
+        out = call(*a, **k)
+        native[0] += time.perf_counter() - t
+        return out
+
+    dec.decode_batch = timed
+    batches = [int(b) for b in args.batches.split(",")]
+    L, rows = args.cache_tokens, []
+    for label, folder in (m.split("=", 1) for m in args.model):
+        runtime = "sparse-cpu-dense" if label == "dense" else "sparse-cpu"
+        session = DecodeSession(folder, runtime, threads=args.threads)
+        d = session.decoder
+        gen = torch.Generator().manual_seed(0)
+        caches = []
+        for _ in range(max(batches)):
+            c = dec.LeanCache(len(d.layers), d.KV, d.D, capacity=L + 8)
+            c.k = [torch.randn(1, d.KV, L + 8, d.D, generator=gen) for _ in d.layers]
+            c.v = [torch.randn(1, d.KV, L + 8, d.D, generator=gen) for _ in d.layers]
+            c.length = L
+            caches.append(c)
+        times = {b: [] for b in batches}
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            for rep in range(args.repetitions + 1):         # batch sizes interleaved; the first round warms up
+                for b in batches:
+                    native[0] = 0.0
+                    t = time.perf_counter()
+                    with KernelClock() as k:
+                        for _ in range(args.steps):
+                            d.step_batch([7] * b, caches[:b])
+                            for c in caches[:b]:
+                                c.length = L
+                    wall = time.perf_counter() - t
+                    if rep:
+                        times[b].append((wall, k.seconds, native[0]))
+        for b in batches:
+            wall, mm, nat = (statistics.median(x[i] for x in times[b]) / args.steps for i in range(3))
+            rows.append({"model": label, "runtime": runtime, "batch": b, "cache_tokens": L, "step_ms": 1e3 * wall,
+                         "matmul_ms": 1e3 * mm, "rest_native_ms": 1e3 * (nat - mm), "python_ms": 1e3 * (wall - nat),
+                         "tok_s": b / wall})
+            print(json.dumps(rows[-1]), flush=True)
+        del session, caches
+    summary = {}
+    for label in dict.fromkeys(r["model"] for r in rows):
+        by = {r["batch"]: r for r in rows if r["model"] == label}
+        if 1 in by and 8 in by:
+            summary[f"{label}: batch-8 step's tok/s / batch-1 step's"] = round(by[8]["tok_s"] / by[1]["tok_s"], 2)
+    config = {"name": args.name, "models": dict(m.split("=", 1) for m in args.model), "cache_tokens": L,
+              "steps": args.steps, "repetitions": args.repetitions, "threads": args.threads or "all",
+              "cpu": cpu_name(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    out = Path(args.out)
+    write_json(out / f"serve-step-{args.name}.json", {"config": config, "rows": rows, "summary": summary,
+                                                      "versions": library_versions()})
+    head = ("| model | batch | step ms | int8 matmuls ms | rest of native step ms | Python ms | tok/s |\n"
+            "|---|---|---|---|---|---|---|\n")
+    body = "".join(f"| {r['model']} | {r['batch']} | {r['step_ms']:.1f} | {r['matmul_ms']:.1f} | "
+                   f"{r['rest_native_ms']:.1f} | {r['python_ms']:.1f} | {r['tok_s']:.1f} |\n" for r in rows)
+    (out / f"serve-step-{args.name}.md").write_text(
+        f"# serve step: {args.name}, caches of {L} tokens\n\n{cpu_name()}; median of {args.repetitions} rounds of "
+        f"{args.steps} steps, batch sizes interleaved; {json.dumps(config['models'])}\n\n" + head + body + "\n"
+        + "".join(f"- {k}: {v}\n" for k, v in summary.items()))
+    print(json.dumps(summary))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -439,15 +528,26 @@ def main():
     p.add_argument("--gguf-types", default="Q8_0,Q4_0,Q4_K_M")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "bench-serve"))
     p.add_argument("--no-single-stream", action="store_true", help="skip `benchmark --mode generate`")
+    p.add_argument("--keep-llama", action="store_true",
+                   help="time our models again and keep the llama-server rows of an earlier run of the same --name")
     p.add_argument("--llama-only", action="store_true",
                    help="time llama-server only; our rows come from the earlier serve-NAME.json")
+    p = sub.add_parser("step")
+    p.add_argument("--name", default="model")
+    p.add_argument("--model", action="append", required=True, help="LABEL=FOLDER (label 'dense': sparse-cpu-dense)")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--cache-tokens", type=int, default=320, help="tokens in each cache (256 + 128 / 2: the load mean)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--repetitions", type=int, default=3)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default=str(RESULTS))
     p = sub.choices["soak"]
     p.add_argument("--model", required=True)
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=16)
     p.add_argument("--kv-budget", type=float, default=1.0, help="GiB")
     args = ap.parse_args()
-    (load_cmd if args.cmd == "load" else soak_cmd)(args)
+    {"load": load_cmd, "soak": soak_cmd, "step": step_cmd}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,14 @@ constexpr int MAX_TOKENS = 8;  // tokens per pass over a row's weights
 constexpr int GROUP = 4;       // rows per work item
 constexpr int PREFETCH_BYTES = 256;  // how far ahead in a row's packed values to prefetch
 constexpr int DENSE_PREFETCH = 512;  // the same for the dense layouts
+constexpr int DENSE_PREFETCH_WIDE = 2048;  // dense int8 at batch 5-8 (more work per byte: further ahead)
+// Further ahead into L2 (prefetcht1): a prefetch into L1 holds one of the core's few line-fill buffers until
+// the line arrives, which caps what one core has in flight from DRAM; L2 has more. These took an
+// 11264 x 2048 layer's speed from DRAM on 2 threads up 1.3-2x (dense int8 at batch 8, dense and sparse int4,
+// sparse int8; docs/sparse-cpu.md).
+constexpr int L2_PREFETCH = 8192;         // dense rows (contiguous: it runs into the next rows)
+constexpr int L2_PREFETCH_VALUES = 2048;  // a sparse row's packed values
+constexpr int L2_PREFETCH_MASK = 1024;    // its mask, in 64-bit words (8 KB)
 
 // One packed Linear (field order mirrors kernel.py's _Layer).
 struct Layer {
@@ -136,6 +144,8 @@ __attribute__((target(FAST_TARGET), always_inline)) inline void step_fast(const 
                                                                           const uint64_t* m, const int8_t*& p,
                                                                           int64_t w, int u, __m512i (&sum)[B][U]) {
   _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);  // ahead of the hardware prefetcher
+  _mm_prefetch((const char*)(p + L2_PREFETCH_VALUES), _MM_HINT_T1);
+  if (!(w & 7)) _mm_prefetch((const char*)(m + w + L2_PREFETCH_MASK), _MM_HINT_T1);  // a line: 8 words
   uint64_t bits = m[w];
   __m512i wv = _mm512_maskz_expandloadu_epi8(bits, p);  // vpexpandb: packed nonzeros -> their lanes
   p += _mm_popcnt_u64(bits);
@@ -190,7 +200,8 @@ __attribute__((target(FAST_TARGET))) void rows_dense(const Layer& L, const Acts&
     for (int b = 0; b < B; ++b) x[b] = _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch((const char*)(p[r] + 64 * w + DENSE_PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(p[r] + 64 * w + (B > 4 ? DENSE_PREFETCH_WIDE : DENSE_PREFETCH)), _MM_HINT_T0);
+      _mm_prefetch((const char*)(p[r] + 64 * w + L2_PREFETCH), _MM_HINT_T1);
       __m512i wv = _mm512_loadu_si512((const void*)(p[r] + 64 * w));
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) sum[b * R + r] = _mm512_dpbusd_epi32(sum[b * R + r], x[b], wv);
@@ -307,7 +318,10 @@ __attribute__((target(FAST_TARGET), always_inline)) inline __m512i nibbles_fast(
 __attribute__((target(FAST_TARGET), always_inline)) inline __m512i dense4_word(const uint8_t* row, int64_t w,
                                                                                int64_t words) {
   if (w < (words & ~int64_t(1))) {
-    if (!(w & 1)) _mm_prefetch((const char*)(row + 64 * (w >> 1) + DENSE_PREFETCH), _MM_HINT_T0);
+    if (!(w & 1)) {
+      _mm_prefetch((const char*)(row + 64 * (w >> 1) + DENSE_PREFETCH), _MM_HINT_T0);
+      _mm_prefetch((const char*)(row + 64 * (w >> 1) + L2_PREFETCH), _MM_HINT_T1);
+    }
     __m512i blk = _mm512_loadu_si512((const void*)(row + 64 * (w >> 1)));
     if (w & 1) blk = _mm512_srli_epi16(blk, 4);
     return _mm512_and_si512(blk, _mm512_set1_epi8(0x0F));
@@ -323,6 +337,8 @@ __attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(co
                                                                               int64_t w, int64_t words) {
   if (DENSE) return dense4_word(p, w, words);
   _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
+  _mm_prefetch((const char*)(p + L2_PREFETCH_VALUES), _MM_HINT_T1);
+  if (!(w & 7)) _mm_prefetch((const char*)(m + w + L2_PREFETCH_MASK), _MM_HINT_T1);  // a line: 8 words
   uint64_t bits = m[w];
   __m512i wv = _mm512_maskz_expand_epi8(bits, nibbles_fast(p));  // vpexpandb: nonzeros -> their lanes
   p += (_mm_popcnt_u64(bits) + 1) / 2;
@@ -395,6 +411,7 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
       if (DENSE) {
         const uint8_t* blk = p + 32 * w;
         _mm_prefetch((const char*)(blk + DENSE_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char*)(blk + L2_PREFETCH), _MM_HINT_T1);
         __m512i v = _mm512_loadu_si512((const void*)blk);
         u0 = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
         u1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
@@ -926,6 +943,7 @@ struct StepOps {
   void (*attend)(const StepModel&, const StepLayer&, const float*, int64_t, float*, float*, int64_t);
   void (*norm)(const float*, const float*, int64_t, float, float*);
   void (*silu)(const float*, int64_t, float*);
+  bool grouped;  // attention through attend_group_fast where head_dim allows (the AVX-512 path)
 };
 
 __attribute__((target(FAST_TARGET))) void attend_fast(const StepModel& M, const StepLayer& S, const float* q,
@@ -946,12 +964,91 @@ void attend_plain(const StepModel& M, const StepLayer& S, const float* q, int64_
 void norm_plain(const float* x, const float* w, int64_t n, float eps, float* y) { norm_body(x, w, n, eps, y); }
 void silu_plain(const float* gu, int64_t inner, float* act) { silu_body(gu, inner, act); }
 
-// Every query head of every sequence on the pool, one (sequence, head) per chunk (each writes only its own
-// slice of out and of p). Sequence b attends over its own cache (M[b]'s StepLayer l) up to total[b].
+// attend_body for the query heads [h0, h0 + n) that share one KV head, with AVX-512 and head_dim = 16 * NC:
+// each key and value row is loaded once for the n heads, the dot products and the weighted sum of values
+// stay in registers, and every float operation is attend_body's in attend_body's order (the 16 partial sums
+// of a dot product added pairwise, lane l with l + 8, then l + 4, ...), so the results are the same bit for
+// bit. n <= 16 / NC (the value accumulators fill 16 registers).
+constexpr int64_t ATTEND_PREFETCH = 8;  // cache rows ahead (the hardware prefetcher alone fell behind)
+template <int NC>
+__attribute__((target(FAST_TARGET))) void attend_group_fast(const StepModel& M, const StepLayer& S, const float* q,
+                                                            int64_t total, float* p, float* out, int64_t h0,
+                                                            int64_t n) {
+  constexpr int64_t D = 16 * NC;
+  const int64_t g = h0 / (M.heads / M.kv_heads);
+  const float* kc = S.k_cache + g * M.capacity * D;
+  const float* vc = S.v_cache + g * M.capacity * D;
+  const __m512 scaling = _mm512_set1_ps(M.scaling);
+  for (int64_t t = 0; t < total; ++t) {
+    __m512 k[NC];
+    for (int c = 0; c < NC; ++c) {
+      _mm_prefetch((const char*)(kc + (t + ATTEND_PREFETCH) * D + 16 * c), _MM_HINT_T0);
+      k[c] = _mm512_loadu_ps(kc + t * D + 16 * c);
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const float* qi = q + (h0 + i) * D;
+      __m512 acc = _mm512_setzero_ps();
+      for (int c = 0; c < NC; ++c) acc = _mm512_add_ps(acc, _mm512_mul_ps(_mm512_loadu_ps(qi + 16 * c), k[c]));
+      const __m256 hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc), 1));
+      __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), hi);
+      __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+      __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+      __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
+      _mm_store_ss(p + i * total + t, _mm_mul_ss(s1, _mm512_castps512_ps128(scaling)));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    float* pi = p + i * total;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < total; ++t) top = std::max(top, pi[t]);
+    for (int64_t t = 0; t < total; ++t) pi[t] = exp_approx(pi[t] - top);
+    float part[16] = {};
+    int64_t t = 0;
+    for (; t + 16 <= total; t += 16)
+      for (int l = 0; l < 16; ++l) part[l] += pi[t + l];
+    float sum = hsum16(part);
+    for (; t < total; ++t) sum += pi[t];
+    for (t = 0; t < total; ++t) pi[t] = pi[t] / sum;   // the weights
+  }
+  __m512 acc[16];
+  for (int64_t j = 0; j < n * NC; ++j) acc[j] = _mm512_setzero_ps();
+  for (int64_t t = 0; t < total; ++t) {
+    const float* v = vc + t * D;
+    for (int c = 0; c < NC; ++c) {
+      _mm_prefetch((const char*)(v + ATTEND_PREFETCH * D + 16 * c), _MM_HINT_T0);
+      __m512 vr = _mm512_loadu_ps(v + 16 * c);
+      for (int64_t i = 0; i < n; ++i)
+        acc[i * NC + c] = _mm512_add_ps(acc[i * NC + c], _mm512_mul_ps(_mm512_set1_ps(p[i * total + t]), vr));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i)
+    for (int c = 0; c < NC; ++c) _mm512_storeu_ps(out + (h0 + i) * D + 16 * c, acc[i * NC + c]);
+}
+
+// The query heads [h0, h0 + n) of one sequence (n <= heads_per_chunk(M)), all on one KV head.
+void attend_heads(const StepOps& ops, const StepModel& M, const StepLayer& S, const float* q, int64_t total,
+                  float* p, float* out, int64_t h0, int64_t n) {
+  if (ops.grouped && M.head_dim == 64)
+    return attend_group_fast<4>(M, S, q, total, p + h0 * total, out, h0, n);
+  if (ops.grouped && M.head_dim == 128)
+    return attend_group_fast<8>(M, S, q, total, p + h0 * total, out, h0, n);
+  for (int64_t i = h0; i < h0 + n; ++i) ops.attend(M, S, q, total, p + i * total, out, i);
+}
+
+// Query heads per attention chunk: the registers of attend_group_fast hold 256 floats of weighted values.
+int64_t heads_per_chunk(const StepModel& M) {
+  const int64_t group = M.heads / M.kv_heads;
+  const int64_t fit = std::max<int64_t>(1, 256 / M.head_dim);
+  const int64_t blocks = (group + fit - 1) / fit;
+  return (group + blocks - 1) / blocks;  // the group split evenly
+}
+
+// Every query head of every sequence on the pool, a few heads of one KV group per chunk (each writes only its
+// own slice of out and of p). Sequence b attends over its own cache (M[b]'s StepLayer l) up to total[b].
 struct AttendJob {
   const StepOps* ops;
   const StepModel* const* M;
-  int64_t l, heads;
+  int64_t l, heads, group, per;  // per: heads per chunk; a KV group is ceil(group / per) chunks
   const float* q;          // [B][qkv row]: row b's query heads first
   int64_t q_stride;
   const int64_t* total;    // [B]
@@ -959,12 +1056,17 @@ struct AttendJob {
   float* p;
   float* out;              // [B][heads * head_dim]
 
+  int64_t chunks_per_seq() const { return (heads / group) * ((group + per - 1) / per); }
+
   static void chunk(void* ctx, int64_t c) {
     auto& j = *static_cast<AttendJob*>(ctx);
-    int64_t b = c / j.heads, i = c % j.heads;
+    const int64_t blocks = (j.group + j.per - 1) / j.per;
+    int64_t b = c / j.chunks_per_seq(), r = c % j.chunks_per_seq();
+    int64_t h0 = (r / blocks) * j.group + (r % blocks) * j.per;
+    int64_t n = std::min(j.per, (r / blocks + 1) * j.group - h0);
     const StepModel& M = *j.M[b];
-    j.ops->attend(M, M.layer[j.l], j.q + b * j.q_stride, j.total[b], j.p + j.p_off[b] + i * j.total[b],
-                  j.out + b * j.heads * M.head_dim, i);
+    attend_heads(*j.ops, M, M.layer[j.l], j.q + b * j.q_stride, j.total[b], j.p + j.p_off[b],
+                 j.out + b * j.heads * M.head_dim, h0, n);
   }
 };
 
@@ -978,7 +1080,8 @@ int decode_batch(const StepModel* const* M, int64_t B, float* h, const int64_t* 
                  const float* sin, float* logits, int threads, bool fast, double* kernel_s) {
   const StepModel& W = *M[0];  // the weights
   const int64_t H = W.heads, KV = W.kv_heads, D = W.head_dim, hid = W.hidden, QKV = (H + 2 * KV) * D;
-  const StepOps ops = fast ? StepOps{attend_fast, norm_fast, silu_fast} : StepOps{attend_plain, norm_plain, silu_plain};
+  const StepOps ops = fast ? StepOps{attend_fast, norm_fast, silu_fast, true}
+                           : StepOps{attend_plain, norm_plain, silu_plain, false};
   std::vector<int64_t> total(B), p_off(B + 1, 0);
   for (int64_t b = 0; b < B; ++b) {
     total[b] = pos[b] + 1;
@@ -1011,8 +1114,9 @@ int decode_batch(const StepModel* const* M, int64_t B, float* h, const int64_t* 
         std::memcpy(C.v_cache + (g * cap + pos[b]) * D, v + g * D, D * sizeof(float));
       }
     }
-    AttendJob job{&ops, M, l, H, qkv.data(), QKV, total.data(), p_off.data(), p.data(), att.data()};
-    pool().run(threads, B * H, &AttendJob::chunk, &job);
+    AttendJob job{&ops, M, l, H, H / KV, heads_per_chunk(W), qkv.data(), QKV, total.data(), p_off.data(),
+                  p.data(), att.data()};
+    pool().run(threads, B * job.chunks_per_seq(), &AttendJob::chunk, &job);
     if (mm(S.o, att.data(), y.data())) return -2;
     for (int64_t i = 0; i < B * hid; ++i) h[i] += y[i];
     for (int64_t b = 0; b < B; ++b) ops.norm(h + b * hid, S.norm2, hid, W.eps, x.data() + b * hid);
