@@ -92,10 +92,10 @@ def prune_and_export_cmd(
                                                      "graphs (dense and sparse); export and benchmark INT8 only.",
                                                      "--skip-fp32", **CpuOnly)] = None,
     recover_data: Annotated[Optional[str], _target_opt("recover_data", "--recover distill: training text "
-                                                       "(c4 | file.txt | file.jsonl | self; default: --calib).",
-                                                       **CpuOnly)] = None,
-    recover_steps: Annotated[Optional[int], _target_opt("recover_steps", "--recover distill: optimizer steps.",
-                                                        **CpuOnly)] = None,
+                                                       "(c4 | file.txt | file.jsonl | self; default: --calib)."
+                                                       )] = None,
+    recover_steps: Annotated[Optional[int], _target_opt("recover_steps", "--recover distill: optimizer steps."
+                                                        )] = None,
 ):
     """Prune MODEL (SparseGPT by default), export, verify, benchmark, and write report.md."""
     from ..targets import prune_and_export

@@ -44,7 +44,8 @@ from ..report import write_report
 from ..runtimes import CPU_RUNTIMES, GENERATE_RUNTIMES, get_runtime, installed
 from .cpu_large import CpuPlan, kv_supported, plan_cpu_run
 from .cpu_report import PAPER_OPT_2_7B, cpu_sections
-from .options import DISTILL_LR, DISTILL_STEPS, CpuOptions
+from .options import CpuOptions
+from .recovery_step import distill
 
 PLOT = "latency.png"
 HELD_OUT = (4, 128)   # windows x tokens the accuracy section compares dense and pruned on
@@ -205,18 +206,10 @@ def _recover_distill(run: _Run) -> None:
     """--recover distill: the one-shot model moves to oneshot-model/ and pruned-model/ becomes the model
     distilled from the dense one with the mask fixed (so every later step deploys the recovered model); the
     one-shot model is measured beside it (accuracy, perplexity)."""
-    from ..recovery.jobs import recover
-
     o = run.opts
     oneshot = run.tmp / "oneshot-model"
     (run.tmp / "pruned-model").rename(oneshot)
-    source = o.recover_data or o.recipe.calib
-    steps, lr = o.recover_steps or DISTILL_STEPS, o.recover_lr or DISTILL_LR
-    run.log(f"recovering: distillation from {run.model} on {source}, {steps} steps")
-    rep = recover(oneshot, run.tmp / "pruned-model", run.model, source, steps=steps, lr=lr,
-                  seed=o.recipe.seed, threads=o.threads, checkpoint_dir=run.tmp / "recover-ckpt",
-                  log=run.step_log)
-    run.recovery = {k: rep[k] for k in ("data", "steps", "tokens", "train_cpu_s", "train_wall_s", "peak_memory_gib")}
+    run.recovery = distill(run.model, oneshot, run.tmp / "pruned-model", o, run.tmp / "recover-ckpt", run.step_log)
     model, tok = models.load_model(oneshot)
     model.float()
     if run.held_out is not None:

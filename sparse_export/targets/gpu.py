@@ -1,5 +1,6 @@
-"""`prune-and-export --target gpu`: prune 2:4 (SparseGPT by default), export compressed-tensors, verify,
-benchmark.
+"""`prune-and-export --target gpu`: prune 2:4 (SparseGPT by default), optionally recover (`--recover
+blockwise` inside the prune, `--recover distill` after it, the 2:4 mask fixed), export compressed-tensors,
+verify, benchmark.
 
 The output folder holds `model/` (the compressed-tensors checkpoint), report.md and report.json.
 """
@@ -15,6 +16,7 @@ from ..pruning.jobs import prune
 from ..pruning.pruners import PRUNERS
 from ..report import table, write_report
 from .options import GpuOptions
+from .recovery_step import distill
 
 MODEL_SUBDIR = "model"
 
@@ -37,7 +39,13 @@ def run_gpu_target(model: str, out, opts: GpuOptions, log=print) -> dict:
 
     with atomic_dir(out, opts.force) as tmp:
         pruned, folder = tmp / ".pruned", tmp / MODEL_SUBDIR
-        prune_meta = prune(model, pruned, recipe, threads=opts.threads, log=step_log)
+        prune_meta = prune(model, pruned, recipe, threads=opts.threads, log=step_log,
+                           after_layer=opts.recovery_hook())
+        oneshot, recovery = None, {"method": opts.recover} if opts.recover else None
+        if opts.recover == "distill":     # the one-shot model stays beside it until verify has measured both
+            oneshot = tmp / ".oneshot"
+            pruned.rename(oneshot)
+            recovery.update(distill(model, oneshot, pruned, opts, tmp / ".recover-ckpt", step_log))
         export_meta = compressed.export_compressed(pruned, folder, fmt="sparse-24-bitmask", log=step_log)
         report = {
             "target": "gpu", "model": str(model), "output": MODEL_SUBDIR,
@@ -46,18 +54,23 @@ def run_gpu_target(model: str, out, opts: GpuOptions, log=print) -> dict:
                       "calibration_mode": prune_meta["calibration_mode"], "timing": prune_meta["timing"]},
             "export": {k: export_meta[k] for k in ("format", "global_sparsity", "compressed_modules",
                                                    "weight_bytes", "dense_weight_bytes", "size_ratio")},
-            "verify": verify(model, pruned, folder, opts.eval_data, opts.eval_seqlen, opts.max_segments, log),
+            "verify": verify(model, pruned, folder, opts.eval_data, opts.eval_seqlen, opts.max_segments, log,
+                             oneshot=oneshot),
             "benchmark": measure_speed(folder, opts, log),
             "versions": library_versions(),
+            **({"recovery": recovery} if recovery else {}),
         }
-        shutil.rmtree(pruned)
+        for scratch in (pruned, oneshot, tmp / ".recover-ckpt"):
+            if scratch is not None and scratch.exists():
+                shutil.rmtree(scratch)
         write_report(tmp, f"{model}: {recipe.pattern} {recipe.pruner.title} for GPU serving", gpu_sections(report), report)
     log(f"wrote {out} (model/, report.md, report.json)")
     return report
 
 
-def verify(model, pruned, folder, eval_data, eval_seqlen: int, max_segments, log) -> dict:
-    """Round trip (bit-identical), 2:4 counted in the written files, perplexity before/after."""
+def verify(model, pruned, folder, eval_data, eval_seqlen: int, max_segments, log, oneshot=None) -> dict:
+    """Round trip (bit-identical), 2:4 counted in the written files, perplexity before/after (and of the
+    one-shot model, when `pruned` is its recovered form)."""
     ours = compressed.round_trip_mismatches(pruned, folder)
     try:
         ref = compressed.round_trip_mismatches(pruned, folder, reference=True)
@@ -81,7 +94,10 @@ def verify(model, pruned, folder, eval_data, eval_seqlen: int, max_segments, log
         sparse = evaluate(folder, eval_data, eval_seqlen, max_segments)
         out["perplexity"] = {"data": str(eval_data), "seqlen": eval_seqlen, "windows": dense["windows"],
                              "dense": dense["perplexity"], "pruned": sparse["perplexity"]}
-        log(f"perplexity on {eval_data}: dense {dense['perplexity']:.3f}, 2:4 {sparse['perplexity']:.3f}")
+        if oneshot is not None:
+            out["perplexity"]["one_shot"] = evaluate(oneshot, eval_data, eval_seqlen, max_segments)["perplexity"]
+        log(f"perplexity on {eval_data}: dense {dense['perplexity']:.3f}, 2:4 {sparse['perplexity']:.3f}"
+            + (f" (one-shot {out['perplexity']['one_shot']:.3f})" if oneshot is not None else ""))
     return out
 
 
@@ -131,9 +147,18 @@ def gpu_sections(r: dict) -> list[tuple[str, str]]:
         f"nonzeros among {v['pattern']['groups']} groups of 4 in {v['pattern']['matrices']} matrices.",
     ])
     out = [("Summary", summary), ("Verification", checks)]
+    rc = r.get("recovery")
+    if rc:
+        how = ("block-wise: each layer's kept weights fitted to the dense layer's outputs right after it was "
+               "pruned" if rc["method"] == "blockwise" else
+               f"distillation from the dense model on `{rc['data']}`: {rc['steps']} steps, {rc['tokens']} tokens, "
+               f"{rc['train_cpu_s'] / 60:.1f} CPU-minutes, peak {rc['peak_memory_gib']:.2f} GiB")
+        out.append(("Recovery", f"- `{r['output']}/` holds the recovered model, the 2:4 mask unchanged ({how})."))
     p = v["perplexity"]
     if p:
-        rows = [{"model": m, "perplexity": p[k]} for m, k in (("dense", "dense"), ("2:4", "pruned"))]
+        names = [("dense", "dense")] + ([("2:4 one-shot", "one_shot")] if "one_shot" in p else []) + \
+            [("2:4 recovered" if rc else "2:4", "pruned")]
+        rows = [{"model": m, "perplexity": p[k]} for m, k in names]
         out.append(("Perplexity", f"`{p['data']}`, {p['windows']} windows of {p['seqlen']} tokens.\n\n"
                     + table(rows, [("model", "model"), ("perplexity", "perplexity")])))
     if "skipped" in b:

@@ -24,7 +24,53 @@ DISTILL_STEPS, DISTILL_LR = 200, 1e-4   # --recover distill defaults in prune-an
 
 
 @dataclass
-class CpuOptions:
+class RecoverOptions:
+    """--recover and its options (both targets): block-wise inside the prune, or distillation after it.
+    A target's options inherit these, and need `recipe` and `eval_data` beside them."""
+
+    recover: str | None = None            # blockwise (each layer inside the prune) | distill (whole model after it)
+    recover_lr: float | None = None       # both (None: the method's default: blockwise 3e-4, distill DISTILL_LR)
+    recover_epochs: int | None = None     # blockwise options (None: BlockwiseOptions' defaults)
+    recover_batch: int | None = None
+    recover_target: str | None = None
+    recover_data: str | None = None       # distill: training text (default: the calibration source)
+    recover_steps: int | None = None      # distill: optimizer steps (None: DISTILL_STEPS)
+
+    def validate_recover(self) -> None:
+        if self.recover == "none":
+            self.recover = None
+        if self.recover not in (None, *RECOVER_METHODS):
+            raise UserError(f"unknown --recover '{self.recover}' (choose from none, {', '.join(RECOVER_METHODS)})")
+        for flag, value in (("data", self.recover_data), ("steps", self.recover_steps)):
+            if value is not None and self.recover != "distill":
+                raise UserError(f"--recover-{flag} applies to --recover distill only")
+        trains_on = self.recover_data or self.recipe.calib
+        if self.recover == "distill" and self.eval_data is not None and trains_on == self.eval_data:
+            raise UserError("--recover would train on the --eval-data text; pass another --recover-data")
+        if self.recover == "distill" and ((self.recover_steps is not None and self.recover_steps < 1)
+                                          or (self.recover_lr is not None and not self.recover_lr > 0)):
+            raise UserError("--recover-steps must be >= 1 and --recover-lr > 0")
+
+    def recovery_hook(self):
+        """The prune's after_layer hook for --recover (None: no recovery)."""
+        from ..recovery.blockwise import make_hook
+
+        if self.recover == "distill":      # after the prune, not inside it: the block-wise options do not apply
+            extra = [f for f in ("epochs", "batch", "target") if getattr(self, f"recover_{f}") is not None]
+            if extra:
+                raise UserError(f"--recover-{extra[0]} applies to --recover blockwise only")
+            return None
+        return make_hook(self.recover, self.recipe, epochs=self.recover_epochs, lr=self.recover_lr,
+                         batch=self.recover_batch, target=self.recover_target)
+
+    def distill_settings(self) -> tuple[str, int, float]:
+        """--recover distill's (training source, steps, learning rate), defaults filled in."""
+        return (self.recover_data or self.recipe.calib, self.recover_steps or DISTILL_STEPS,
+                self.recover_lr or DISTILL_LR)
+
+
+@dataclass
+class CpuOptions(RecoverOptions):
     """prune -> dense/sparse ONNX (+ int8, + KV-cache graphs) -> verify -> benchmark -> report."""
 
     recipe: Recipe = field(default_factory=Recipe)
@@ -48,13 +94,6 @@ class CpuOptions:
     stream: bool | None = None            # prune and export layer by layer (None: each step's own rule decides)
     memory_budget: float | None = None    # GiB the in-memory export may use (None: onnx_stream.EXPORT_BUDGET)
     skip_fp32: bool = False               # with int8: export and benchmark only the int8 graph
-    recover: str | None = None            # blockwise (each layer inside the prune) | distill (whole model after it)
-    recover_lr: float | None = None       # both (None: the method's default: blockwise 3e-4, distill 1e-4)
-    recover_epochs: int | None = None     # blockwise options (None: BlockwiseOptions' defaults)
-    recover_batch: int | None = None
-    recover_target: str | None = None
-    recover_data: str | None = None       # distill: training text (default: the calibration source)
-    recover_steps: int | None = None      # distill: optimizer steps (None: DISTILL_STEPS)
 
     def validate(self) -> "CpuOptions":
         if self.fp32_attention and not self.int8:
@@ -67,19 +106,7 @@ class CpuOptions:
                                 f"got {self.int8_max_error}")
         if self.skip_fp32 and not self.int8:
             raise UserError("--skip-fp32 leaves only the INT8 graph: it needs --int8")
-        if self.recover == "none":
-            self.recover = None
-        if self.recover not in (None, *RECOVER_METHODS):
-            raise UserError(f"unknown --recover '{self.recover}' (choose from none, {', '.join(RECOVER_METHODS)})")
-        for flag, value in (("data", self.recover_data), ("steps", self.recover_steps)):
-            if value is not None and self.recover != "distill":
-                raise UserError(f"--recover-{flag} applies to --recover distill only")
-        trains_on = self.recover_data or self.recipe.calib
-        if self.recover == "distill" and self.eval_data is not None and trains_on == self.eval_data:
-            raise UserError("--recover would train on the --eval-data text; pass another --recover-data")
-        if self.recover == "distill" and ((self.recover_steps is not None and self.recover_steps < 1)
-                                          or (self.recover_lr is not None and not self.recover_lr > 0)):
-            raise UserError("--recover-steps must be >= 1 and --recover-lr > 0")
+        self.validate_recover()
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise UserError(f"--memory-budget must be > 0 GiB, got {self.memory_budget}")
         if self.int8:
@@ -94,21 +121,9 @@ class CpuOptions:
             raise UserError("--bench-batch, --bench-seqlen and --iterations must be >= 1, --warmup >= 0")
         return self
 
-    def recovery_hook(self):
-        """The prune's after_layer hook for --recover (None: no recovery)."""
-        from ..recovery.blockwise import make_hook
-
-        if self.recover == "distill":      # after the prune, not inside it: the block-wise options do not apply
-            extra = [f for f in ("epochs", "batch", "target") if getattr(self, f"recover_{f}") is not None]
-            if extra:
-                raise UserError(f"--recover-{extra[0]} applies to --recover blockwise only")
-            return None
-        return make_hook(self.recover, self.recipe, epochs=self.recover_epochs, lr=self.recover_lr,
-                         batch=self.recover_batch, target=self.recover_target)
-
 
 @dataclass
-class GpuOptions:
+class GpuOptions(RecoverOptions):
     """prune n:m -> compressed-tensors checkpoint -> verify (round trip, 2:4 counted) -> benchmark -> report."""
 
     recipe: Recipe = field(default_factory=lambda: Recipe(pattern="2:4"))
@@ -128,6 +143,8 @@ class GpuOptions:
             raise UserError(f"the GPU target needs a pattern with at least 2 zeros in every 4 (2:4), "
                             f"not {self.recipe.pattern}")
         self.recipe.validate()
+        self.validate_recover()
+        self.recovery_hook()
         if min(self.bench_batch, self.bench_seqlen, self.iterations) < 1 or self.warmup < 0:
             raise UserError("--bench-batch, --bench-seqlen and --iterations must be >= 1, --warmup >= 0")
         return self

@@ -265,8 +265,9 @@ def test_prune_and_export_options():
                          (dict(recover="blockwise", method="magnitude"), "magnitude")):
         with pytest.raises(UserError, match=words):
             build_options("cpu", **given)
-    with pytest.raises(UserError, match="cpu target only"):
-        build_options("gpu", recover="blockwise")
+    assert isinstance(build_options("gpu", recover="blockwise").recovery_hook(), BlockwiseRecovery)  # both targets
+    with pytest.raises(UserError, match="--recover blockwise only"):
+        build_options("gpu", recover="distill", recover_epochs=2)
 
 
 def test_prune_and_export_bad_value_one_line(tiny_dirs, text_file, tmp_path, capsys):
