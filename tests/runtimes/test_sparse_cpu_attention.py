@@ -8,6 +8,7 @@ import torch
 
 from sparse_export.runtimes.sparse_cpu import kernel as K
 from sparse_export.runtimes.sparse_cpu.decoder import LeanCache
+from tests.runtimes.test_sparse_cpu_batch import _alone
 from tests.tiny import tiny_config
 
 pytestmark = pytest.mark.skipif(not K.has_avx512(), reason="CPU lacks AVX-512 VBMI2/VNNI")
@@ -41,16 +42,9 @@ def _session(folder, path, native=True):
 
 
 def _decode(session, prompt, feed):
-    """Logits of each one-token step after the prompt (a cache of 32 that doubles on the way)."""
+    """Logits of each one-token step after the prompt, from a cache of 32 that doubles on the way."""
     d = session.decoder
-    cache = LeanCache(len(d.layers), d.KV, d.D, capacity=32)
-    _, cache = session.run([prompt], 0, cache)
-    out, n = [], len(prompt)
-    for t in feed:
-        logits, cache = session.run([[t]], n, cache)
-        out.append(logits[0, -1])
-        n += 1
-    return out
+    return _alone(session, prompt, feed, LeanCache(len(d.layers), d.KV, d.D, capacity=32))
 
 
 def test_grouped_attention_equals_the_scalar_path(models):

@@ -25,9 +25,10 @@ def folders(tokenizer, text_file, tmp_path_factory):
     return [dense, sparse, int4]
 
 
-def _alone(session, prompt, tokens):
-    """Logits of each step of one sequence decoding alone (prefill, then one native step per token)."""
-    logits, cache = session.run([prompt], 0)
+def _alone(session, prompt, tokens, cache=None):
+    """Logits of each step of one sequence decoding alone (prefill, then one native step per token);
+    cache: the one to start with (None: the session's default)."""
+    logits, cache = session.run([prompt], 0, cache)
     out, n = [], len(prompt)
     for t in tokens:
         logits, cache = session.run([[t]], n, cache)

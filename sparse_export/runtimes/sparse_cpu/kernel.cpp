@@ -909,6 +909,21 @@ void rotate(float* x, const float* cos, const float* sin, int64_t d) {
   }
 }
 
+// p [total] (scores) -> the softmax weights in place: exp(p - max) / sum, the sum as 16 partial sums added
+// pairwise (a fixed order both code paths share)
+inline __attribute__((always_inline)) void softmax_body(float* p, int64_t total) {
+  float top = -INFINITY;
+  for (int64_t t = 0; t < total; ++t) top = std::max(top, p[t]);
+  for (int64_t t = 0; t < total; ++t) p[t] = exp_approx(p[t] - top);
+  float part[16] = {};
+  int64_t t = 0;
+  for (; t + 16 <= total; t += 16)
+    for (int l = 0; l < 16; ++l) part[l] += p[t + l];
+  float sum = hsum16(part);
+  for (; t < total; ++t) sum += p[t];
+  for (t = 0; t < total; ++t) p[t] = p[t] / sum;
+}
+
 // Attention of the new token's query head i (q [heads][head_dim]) over the `total` cached positions of its
 // KV head, into out[i] ([heads][head_dim]); p: this head's scratch [total]. Heads are independent: the
 // threads split them.
@@ -917,24 +932,12 @@ inline __attribute__((always_inline)) void attend_body(const StepModel& M, const
   const int64_t D = M.head_dim, g = i / (M.heads / M.kv_heads);
   const float* kc = S.k_cache + g * M.capacity * D;
   const float* vc = S.v_cache + g * M.capacity * D;
-  float top = -INFINITY;
-  for (int64_t t = 0; t < total; ++t) {
-    p[t] = dot(q + i * D, kc + t * D, D) * M.scaling;
-    top = std::max(top, p[t]);
-  }
-  for (int64_t t = 0; t < total; ++t) p[t] = exp_approx(p[t] - top);
-  float part[16] = {};
-  int64_t t = 0;
-  for (; t + 16 <= total; t += 16)
-    for (int l = 0; l < 16; ++l) part[l] += p[t + l];
-  float sum = hsum16(part);
-  for (; t < total; ++t) sum += p[t];
+  for (int64_t t = 0; t < total; ++t) p[t] = dot(q + i * D, kc + t * D, D) * M.scaling;
+  softmax_body(p, total);
   float* o = out + i * D;
   std::fill(o, o + D, 0.f);
-  for (t = 0; t < total; ++t) {
-    float w = p[t] / sum;
-    for (int64_t j = 0; j < D; ++j) o[j] += w * vc[t * D + j];
-  }
+  for (int64_t t = 0; t < total; ++t)
+    for (int64_t j = 0; j < D; ++j) o[j] += p[t] * vc[t * D + j];
 }
 
 // The step's float work outside the matmuls, compiled for each code path (the same source, so the same
@@ -997,19 +1000,7 @@ __attribute__((target(FAST_TARGET))) void attend_group_fast(const StepModel& M, 
       _mm_store_ss(p + i * total + t, _mm_mul_ss(s1, _mm512_castps512_ps128(scaling)));
     }
   }
-  for (int64_t i = 0; i < n; ++i) {
-    float* pi = p + i * total;
-    float top = -INFINITY;
-    for (int64_t t = 0; t < total; ++t) top = std::max(top, pi[t]);
-    for (int64_t t = 0; t < total; ++t) pi[t] = exp_approx(pi[t] - top);
-    float part[16] = {};
-    int64_t t = 0;
-    for (; t + 16 <= total; t += 16)
-      for (int l = 0; l < 16; ++l) part[l] += pi[t + l];
-    float sum = hsum16(part);
-    for (; t < total; ++t) sum += pi[t];
-    for (t = 0; t < total; ++t) pi[t] = pi[t] / sum;   // the weights
-  }
+  for (int64_t i = 0; i < n; ++i) softmax_body(p + i * total, total);
   __m512 acc[16];
   for (int64_t j = 0; j < n * NC; ++j) acc[j] = _mm512_setzero_ps();
   for (int64_t t = 0; t < total; ++t) {
