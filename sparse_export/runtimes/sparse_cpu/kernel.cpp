@@ -46,6 +46,19 @@ constexpr int L2_PREFETCH = 8192;         // dense rows (contiguous: it runs int
 constexpr int L2_PREFETCH_VALUES = 2048;  // a sparse row's packed values
 constexpr int L2_PREFETCH_MASK = 1024;    // its mask, in 64-bit words (8 KB)
 
+// A dense row's stream at `at`: into L1 `l1` bytes ahead, into L2 L2_PREFETCH ahead.
+__attribute__((always_inline)) inline void prefetch_dense(const void* at, int l1) {
+  _mm_prefetch((const char*)at + l1, _MM_HINT_T0);
+  _mm_prefetch((const char*)at + L2_PREFETCH, _MM_HINT_T1);
+}
+
+// A sparse row's streams at word w: its packed values p (L1 and L2) and, once per line, its mask m (L2).
+__attribute__((always_inline)) inline void prefetch_sparse(const void* p, const uint64_t* m, int64_t w) {
+  _mm_prefetch((const char*)p + PREFETCH_BYTES, _MM_HINT_T0);  // ahead of the hardware prefetcher
+  _mm_prefetch((const char*)p + L2_PREFETCH_VALUES, _MM_HINT_T1);
+  if (!(w & 7)) _mm_prefetch((const char*)(m + w + L2_PREFETCH_MASK), _MM_HINT_T1);  // a line: 8 words
+}
+
 // One packed Linear (field order mirrors kernel.py's _Layer).
 struct Layer {
   int64_t out, in, words;   // words = ceil(in / 64): mask words (and 64-byte blocks) per row
@@ -143,9 +156,7 @@ template <int B, int U>
 __attribute__((target(FAST_TARGET), always_inline)) inline void step_fast(const Acts& a, const uint8_t* xq,
                                                                           const uint64_t* m, const int8_t*& p,
                                                                           int64_t w, int u, __m512i (&sum)[B][U]) {
-  _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);  // ahead of the hardware prefetcher
-  _mm_prefetch((const char*)(p + L2_PREFETCH_VALUES), _MM_HINT_T1);
-  if (!(w & 7)) _mm_prefetch((const char*)(m + w + L2_PREFETCH_MASK), _MM_HINT_T1);  // a line: 8 words
+  prefetch_sparse(p, m, w);
   uint64_t bits = m[w];
   __m512i wv = _mm512_maskz_expandloadu_epi8(bits, p);  // vpexpandb: packed nonzeros -> their lanes
   p += _mm_popcnt_u64(bits);
@@ -200,8 +211,7 @@ __attribute__((target(FAST_TARGET))) void rows_dense(const Layer& L, const Acts&
     for (int b = 0; b < B; ++b) x[b] = _mm512_load_si512((const void*)(xq + b * a.stride + 64 * w));
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-      _mm_prefetch((const char*)(p[r] + 64 * w + (B > 4 ? DENSE_PREFETCH_WIDE : DENSE_PREFETCH)), _MM_HINT_T0);
-      _mm_prefetch((const char*)(p[r] + 64 * w + L2_PREFETCH), _MM_HINT_T1);
+      prefetch_dense(p[r] + 64 * w, B > 4 ? DENSE_PREFETCH_WIDE : DENSE_PREFETCH);
       __m512i wv = _mm512_loadu_si512((const void*)(p[r] + 64 * w));
 #pragma GCC unroll 8
       for (int b = 0; b < B; ++b) sum[b * R + r] = _mm512_dpbusd_epi32(sum[b * R + r], x[b], wv);
@@ -318,10 +328,7 @@ __attribute__((target(FAST_TARGET), always_inline)) inline __m512i nibbles_fast(
 __attribute__((target(FAST_TARGET), always_inline)) inline __m512i dense4_word(const uint8_t* row, int64_t w,
                                                                                int64_t words) {
   if (w < (words & ~int64_t(1))) {
-    if (!(w & 1)) {
-      _mm_prefetch((const char*)(row + 64 * (w >> 1) + DENSE_PREFETCH), _MM_HINT_T0);
-      _mm_prefetch((const char*)(row + 64 * (w >> 1) + L2_PREFETCH), _MM_HINT_T1);
-    }
+    if (!(w & 1)) prefetch_dense(row + 64 * (w >> 1), DENSE_PREFETCH);
     __m512i blk = _mm512_loadu_si512((const void*)(row + 64 * (w >> 1)));
     if (w & 1) blk = _mm512_srli_epi16(blk, 4);
     return _mm512_and_si512(blk, _mm512_set1_epi8(0x0F));
@@ -336,9 +343,7 @@ template <bool DENSE>
 __attribute__((target(FAST_TARGET), always_inline)) inline __m512i word4_fast(const uint64_t* m, const uint8_t*& p,
                                                                               int64_t w, int64_t words) {
   if (DENSE) return dense4_word(p, w, words);
-  _mm_prefetch((const char*)(p + PREFETCH_BYTES), _MM_HINT_T0);
-  _mm_prefetch((const char*)(p + L2_PREFETCH_VALUES), _MM_HINT_T1);
-  if (!(w & 7)) _mm_prefetch((const char*)(m + w + L2_PREFETCH_MASK), _MM_HINT_T1);  // a line: 8 words
+  prefetch_sparse(p, m, w);
   uint64_t bits = m[w];
   __m512i wv = _mm512_maskz_expand_epi8(bits, nibbles_fast(p));  // vpexpandb: nonzeros -> their lanes
   p += (_mm_popcnt_u64(bits) + 1) / 2;
@@ -410,8 +415,7 @@ __attribute__((target(FAST_TARGET))) void row4_fast(const Layer& L, const Acts& 
       __m512i u0, u1;
       if (DENSE) {
         const uint8_t* blk = p + 32 * w;
-        _mm_prefetch((const char*)(blk + DENSE_PREFETCH), _MM_HINT_T0);
-        _mm_prefetch((const char*)(blk + L2_PREFETCH), _MM_HINT_T1);
+        prefetch_dense(blk, DENSE_PREFETCH);
         __m512i v = _mm512_loadu_si512((const void*)blk);
         u0 = _mm512_and_si512(v, _mm512_set1_epi8(0x0F));
         u1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F));
@@ -981,7 +985,7 @@ __attribute__((target(FAST_TARGET))) void attend_group_fast(const StepModel& M, 
   const int64_t g = h0 / (M.heads / M.kv_heads);
   const float* kc = S.k_cache + g * M.capacity * D;
   const float* vc = S.v_cache + g * M.capacity * D;
-  const __m512 scaling = _mm512_set1_ps(M.scaling);
+  const __m128 scaling = _mm_set_ss(M.scaling);
   for (int64_t t = 0; t < total; ++t) {
     __m512 k[NC];
     for (int c = 0; c < NC; ++c) {
@@ -997,7 +1001,7 @@ __attribute__((target(FAST_TARGET))) void attend_group_fast(const StepModel& M, 
       __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
       __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
       __m128 s1 = _mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1));
-      _mm_store_ss(p + i * total + t, _mm_mul_ss(s1, _mm512_castps512_ps128(scaling)));
+      _mm_store_ss(p + i * total + t, _mm_mul_ss(s1, scaling));
     }
   }
   for (int64_t i = 0; i < n; ++i) softmax_body(p + i * total, total);
@@ -1039,7 +1043,7 @@ int64_t heads_per_chunk(const StepModel& M) {
 struct AttendJob {
   const StepOps* ops;
   const StepModel* const* M;
-  int64_t l, heads, group, per;  // per: heads per chunk; a KV group is ceil(group / per) chunks
+  int64_t l, heads, group, per, blocks;  // per: heads per chunk; blocks: chunks per KV group
   const float* q;          // [B][qkv row]: row b's query heads first
   int64_t q_stride;
   const int64_t* total;    // [B]
@@ -1047,14 +1051,13 @@ struct AttendJob {
   float* p;
   float* out;              // [B][heads * head_dim]
 
-  int64_t chunks_per_seq() const { return (heads / group) * ((group + per - 1) / per); }
+  int64_t chunks_per_seq() const { return heads / group * blocks; }
 
   static void chunk(void* ctx, int64_t c) {
     auto& j = *static_cast<AttendJob*>(ctx);
-    const int64_t blocks = (j.group + j.per - 1) / j.per;
-    int64_t b = c / j.chunks_per_seq(), r = c % j.chunks_per_seq();
-    int64_t h0 = (r / blocks) * j.group + (r % blocks) * j.per;
-    int64_t n = std::min(j.per, (r / blocks + 1) * j.group - h0);
+    const int64_t per_seq = j.chunks_per_seq(), b = c / per_seq, r = c % per_seq;
+    int64_t h0 = (r / j.blocks) * j.group + (r % j.blocks) * j.per;
+    int64_t n = std::min(j.per, (r / j.blocks + 1) * j.group - h0);
     const StepModel& M = *j.M[b];
     attend_heads(*j.ops, M, M.layer[j.l], j.q + b * j.q_stride, j.total[b], j.p + j.p_off[b],
                  j.out + b * j.heads * M.head_dim, h0, n);
@@ -1078,6 +1081,7 @@ int decode_batch(const StepModel* const* M, int64_t B, float* h, const int64_t* 
     total[b] = pos[b] + 1;
     p_off[b + 1] = p_off[b] + H * total[b];
   }
+  const int64_t per = heads_per_chunk(W);  // query heads per attention chunk
   std::vector<float> x(B * hid), qkv(B * QKV), att(B * H * D), y(B * hid), gu(B * 2 * W.inner),
       act(B * W.inner), p(p_off[B]);
   double spent = 0;
@@ -1105,8 +1109,8 @@ int decode_batch(const StepModel* const* M, int64_t B, float* h, const int64_t* 
         std::memcpy(C.v_cache + (g * cap + pos[b]) * D, v + g * D, D * sizeof(float));
       }
     }
-    AttendJob job{&ops, M, l, H, H / KV, heads_per_chunk(W), qkv.data(), QKV, total.data(), p_off.data(),
-                  p.data(), att.data()};
+    AttendJob job{&ops, M, l, H, H / KV, per, (H / KV + per - 1) / per, qkv.data(), QKV, total.data(),
+                  p_off.data(), p.data(), att.data()};
     pool().run(threads, B * job.chunks_per_seq(), &AttendJob::chunk, &job);
     if (mm(S.o, att.data(), y.data())) return -2;
     for (int64_t i = 0; i < B * hid; ++i) h[i] += y[i];
